@@ -1,0 +1,209 @@
+"""Command line: ``python convert.py {all,gpt,s2mel,w2v-bert,bigvgan,check,inspect}``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from . import engine, schema
+from .errors import ConvertError
+
+DTYPE = click.Choice(list(engine.DTYPE_CHOICES))
+
+# Where `all` finds each model inside the release folder (unless a flag says otherwise).
+ALL_LAYOUT = {
+    "gpt": ("gpt.pth", "gpt.safetensors"),
+    "s2mel": ("s2mel.pth", "s2mel.safetensors"),
+    "w2v-bert": ("w2v-bert-2.0", "w2v_bert.safetensors"),
+    "bigvgan": ("bigvgan", "bigvgan.safetensors"),
+}
+
+
+def _fail(msg: str, code: int = 1):
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def guarded(fn):
+    """Turn every failure into one ``error:`` line and a non-zero exit, unless --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConvertError as e:
+            if debug:
+                raise
+            _fail(str(e))
+        except BrokenPipeError:
+            sys.exit(1)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            _fail("interrupted; no output was written", 130)
+        except OSError as e:
+            if debug:
+                raise
+            _fail(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
+        except Exception as e:  # noqa: BLE001 - a tool for users: no tracebacks by default
+            if debug:
+                raise
+            _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback)", 2)
+
+    wrapper = click.option("--debug", is_flag=True, help="Show a traceback on failure.")(wrapper)
+    return wrapper
+
+
+def convert_options(fn):
+    fn = click.option("--dtype", type=DTYPE, default="keep", show_default=True, help="Float dtype of the output.")(fn)
+    fn = click.option("--force", is_flag=True, help="Replace an existing output file.")(fn)
+    fn = click.option("--quiet", is_flag=True, help="No progress bars.")(fn)
+    fn = click.option("--allow-nonfinite", is_flag=True, help="Convert weights containing NaN or Inf instead of refusing.")(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Convert IndexTTS-2 checkpoints into canonical, schema-checked safetensors."""
+
+
+def _model_command(kind: str):
+    @main.command(kind, help=f"Convert one {kind} checkpoint (file or folder) to a canonical file.")
+    @click.argument("src", type=click.Path())
+    @click.argument("out_file", type=click.Path())
+    @click.option("--config", type=click.Path(), default=None, help="Config file (default: the one beside the source).")
+    @convert_options
+    @guarded
+    def cmd(src, out_file, config, dtype, force, quiet, allow_nonfinite):
+        p = engine.convert(kind, src, out_file, config, dtype, force, quiet, allow_nonfinite)
+        if not quiet:
+            click.echo(f"wrote {out_file} ({kind}, {len(p.plan.entries)} tensors, {len(p.plan.dropped)} dropped)")
+
+    return cmd
+
+
+for _kind in engine.MODELS:
+    _model_command(_kind)
+
+
+@main.command("all")
+@click.option("--src", "src", required=True, type=click.Path(), help="The IndexTTS-2 release folder.")
+@click.option("--out", "out", required=True, type=click.Path(), help="Folder for the canonical files.")
+@click.option("--w2v-bert", "w2v_bert", type=click.Path(), default=None, help="w2v-bert-2.0 folder (default SRC/w2v-bert-2.0).")
+@click.option("--bigvgan", "bigvgan", type=click.Path(), default=None, help="BigVGAN folder (default SRC/bigvgan).")
+@convert_options
+@guarded
+def all_cmd(src, out, w2v_bert, bigvgan, dtype, force, quiet, allow_nonfinite):
+    """Convert every model of a release folder into OUT."""
+    if not os.path.isdir(src):
+        raise ConvertError(f"{src}: release folder not found")
+    for kind in ALL_LAYOUT:
+        engine.model_module(kind)  # a converter that does not exist yet fails before any work
+    override = {"w2v-bert": w2v_bert, "bigvgan": bigvgan}
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConvertError(f"{out}: exists and is not a folder")
+    os.makedirs(out, exist_ok=True)
+    for kind, (src_name, out_name) in ALL_LAYOUT.items():
+        s = override.get(kind) or os.path.join(src, src_name)
+        o = os.path.join(out, out_name)
+        p = engine.convert(kind, s, o, None, dtype, force, quiet, allow_nonfinite)
+        if not quiet:
+            click.echo(f"wrote {o} ({kind}, {len(p.plan.entries)} tensors, {len(p.plan.dropped)} dropped)")
+
+
+@main.command("check")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@guarded
+def check_cmd(paths):
+    """Check canonical files (or folders of them) against canonical_schema.json."""
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(p, n) for n in os.listdir(p) if n.endswith(".safetensors"))
+            if not found:
+                raise ConvertError(f"{p}: no .safetensors files in this folder")
+            files += found
+        elif os.path.exists(p):
+            files.append(p)
+        else:
+            raise ConvertError(f"{p}: no such file or folder")
+    bad = 0
+    for f in files:
+        kind, errs = schema.check_file(f)
+        if errs:
+            bad += 1
+            for e in errs:
+                click.echo(f"error: {e}", err=True)
+        else:
+            click.echo(f"ok {f} ({kind}, schema v{schema.schema_version()})")
+    if bad:
+        sys.exit(1)
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path())
+@click.option("--config", type=click.Path(), default=None, help="Config for a source file (default: beside it).")
+@guarded
+def inspect_cmd(path, config):
+    """Describe a source or canonical file: model, tensors, what each becomes."""
+    from . import safetensors_io as stio
+    from .detect import detect
+    from .sources import open_source, sniff
+
+    if not os.path.isdir(path) and sniff(path) == "safetensors":
+        header = stio.read_header(path)
+        if header.metadata.get("schema") == schema.SCHEMA_NAME:
+            _inspect_canonical(path, header)
+            return
+    file = path
+    kind = None
+    if os.path.isdir(path):
+        for k in engine.MODELS:
+            mod = engine.MODELS[k] and engine.model_module(k)
+            if mod and any(os.path.isfile(os.path.join(path, n)) for n in mod.SOURCE_FILES):
+                kind = k
+                break
+        if kind is None:
+            raise ConvertError(f"{path}: no known checkpoint in this folder")
+        file, _ = engine.locate(engine.model_module(kind), path, config)
+    src = open_source(file)
+    kind = detect(src.names()) or kind
+    click.echo(f"{file}: {src.format} source, {len(src.shapes)} tensors, looks like: {kind or 'unknown model'}")
+    for n in src.notes:
+        click.echo(f"  note: {n}")
+    if kind is None:
+        for n in src.names():
+            click.echo(f"  {n} {list(src.shapes[n])} {str(src.dtypes[n]).replace('torch.', '')}")
+        return
+    try:
+        p = engine.prepare(kind, file, config, hash_source=False)
+    except ConvertError as e:
+        for n in src.names():
+            click.echo(f"  {n} {list(src.shapes[n])} {str(src.dtypes[n]).replace('torch.', '')}")
+        raise ConvertError(f"cannot convert as {kind}: {e}") from None
+    click.echo(f"  becomes {len(p.plan.entries)} canonical tensors; {len(p.plan.dropped)} source entries dropped")
+    for e in sorted(p.plan.entries, key=lambda e: e.name):
+        click.echo(f"  {', '.join(e.sources) or '(regenerated)'} --{e.op}--> {e.name} {list(e.shape)}")
+    for n, why in p.plan.dropped.items():
+        click.echo(f"  dropped {n}: {why}")
+    for n in p.plan.notes:
+        click.echo(f"  note: {n}")
+
+
+def _inspect_canonical(path, header):
+    md = header.metadata
+    prov = json.loads(md.get("provenance", "{}"))
+    click.echo(f"{path}: canonical {md.get('model')} file, schema v{md.get('schema_version')}, dtype {md.get('dtype')}, converter {md.get('converter_version')}")
+    click.echo(f"  source: {md.get('source')}")
+    click.echo(f"  config: {md.get('config')}")
+    for n, info in sorted(header.tensors.items()):
+        p = prov.get(n, {})
+        click.echo(f"  {n} {list(info.shape)} {info.dtype}  <- {p.get('op', '?')}({', '.join(p.get('from', [])) or 'regenerated'})")
+    for n, why in json.loads(md.get("dropped", "{}")).items():
+        click.echo(f"  dropped {n}: {why}")
+    kind, errs = schema.check_file(path)
+    click.echo("  schema check: ok" if not errs else "  schema check: FAILED\n    " + "\n    ".join(errs))

@@ -1,0 +1,21 @@
+"""Tell which IndexTTS-2 model a set of tensor names belongs to, by name signatures.
+
+Used to refuse a checkpoint given to the wrong converter with a helpful message, and
+by ``inspect``.  Signatures are names, never shapes.
+"""
+
+from __future__ import annotations
+
+# model kind -> name prefixes that must all occur
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "gpt": ("gpt.h.0.", "conditioning_encoder.", "mel_embedding."),
+    "s2mel": ("cfm.estimator.", "length_regulator."),
+    "w2v-bert": ("feature_projection.", "encoder.layers.0."),
+    "bigvgan": ("conv_pre.", "ups.0.", "resblocks.0."),
+}
+
+
+def detect(names) -> str | None:
+    names = list(names)
+    hits = [kind for kind, prefixes in SIGNATURES.items() if all(any(n.startswith(p) for n in names) for p in prefixes)]
+    return hits[0] if len(hits) == 1 else None

@@ -1,0 +1,221 @@
+"""The conversion pipeline shared by every model.
+
+source file -> :mod:`sources` (flat view) -> model table -> :func:`table.resolve` (plan,
+strict accounting) -> :func:`schema.check` on the planned header -> streaming write ->
+:func:`schema.check_file` on what was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from . import ops, schema
+from . import safetensors_io as stio
+from .errors import ConvertError
+from .sources import Source, open_source
+from .table import Plan, resolve
+
+CONVERTER_VERSION = "0.1.0"
+
+# model kind -> module under converters/ (None = not written yet)
+MODELS: dict[str, str | None] = {
+    "gpt": None,
+    "s2mel": None,
+    "w2v-bert": None,
+    "bigvgan": "converters.bigvgan",
+}
+DTYPE_CHOICES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def model_module(kind: str):
+    if kind not in MODELS:
+        raise ConvertError(f"unknown model {kind!r}; known: {', '.join(MODELS)}")
+    if MODELS[kind] is None:
+        raise ConvertError(f"the {kind} converter does not exist yet")
+    return importlib.import_module(MODELS[kind])
+
+
+def sha256_file(path: str, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+class _Hasher(threading.Thread):
+    """Hashes the source on the second core while the conversion runs."""
+
+    def __init__(self, path: str):
+        super().__init__(daemon=True)
+        self.path, self.digest, self.error = path, None, None
+
+    def run(self) -> None:
+        try:
+            self.digest = sha256_file(self.path)
+        except OSError as e:
+            self.error = e
+
+    def result(self) -> str:
+        self.join()
+        if self.error is not None:
+            raise ConvertError(f"{self.path}: cannot read while hashing: {self.error}")
+        return self.digest
+
+
+def locate(kind_mod, src: str, config: str | None) -> tuple[str, str]:
+    """The source file and config for a per-model SRC that may be a file or a folder."""
+    if os.path.isdir(src):
+        for name in kind_mod.SOURCE_FILES:
+            p = os.path.join(src, name)
+            if os.path.isfile(p):
+                src_file = p
+                break
+        else:
+            raise ConvertError(f"{src}: no {kind_mod.KIND} checkpoint in this folder (looked for {', '.join(kind_mod.SOURCE_FILES)})")
+    elif os.path.exists(src):
+        src_file = src
+    else:
+        raise ConvertError(f"{src}: no such file or folder")
+    cfg = config or os.path.join(os.path.dirname(os.path.abspath(src_file)), kind_mod.CONFIG_NAME)
+    if not os.path.isfile(cfg):
+        raise ConvertError(f"{cfg}: config not found (the {kind_mod.KIND} converter reads {kind_mod.CONFIG_NAME} beside the source; pass --config)")
+    return src_file, cfg
+
+
+def check_output_path(out: str, src_file: str, force: bool) -> None:
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.exists(parent):
+        raise ConvertError(f"{out}: output folder {parent} does not exist")
+    if not os.path.isdir(parent):
+        raise ConvertError(f"{out}: {parent} is not a folder")
+    if os.path.isdir(out):
+        raise ConvertError(f"{out}: is a folder; give the output file name")
+    if os.path.lexists(out):
+        if os.path.exists(out) and os.path.samefile(out, src_file):
+            raise ConvertError(f"{out}: is the input file (or a link to it); refusing to write over the source")
+        if not force:
+            raise ConvertError(f"{out}: already exists; pass --force to replace it")
+    if os.path.realpath(out) == os.path.realpath(src_file):
+        raise ConvertError(f"{out}: is the input file; refusing to write over the source")
+
+
+@dataclass
+class Prepared:
+    kind: str
+    src: Source
+    src_file: str
+    plan: Plan
+    metadata: dict[str, str]
+    hasher: _Hasher | None
+
+
+def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "keep", hash_source: bool = True) -> Prepared:
+    mod = model_module(kind)
+    src_file, cfg_file = locate(mod, src_path, config_path)
+    raw = mod.load_config(cfg_file)
+    config = mod.runtime_config(raw, cfg_file)
+    src = open_source(src_file)
+    _refuse_other_model(kind, src)
+    rows, loops = mod.table(config)
+    target = DTYPE_CHOICES[dtype]
+    plan = resolve(src, rows, loops, mod.DROPS, config, target)
+    floats = sorted({stio.st_dtype(e.dtype) for e in plan.entries if e.dtype.is_floating_point})
+    if len(floats) > 1:
+        raise ConvertError(f"{src_file}: source mixes float dtypes {floats}; pass --dtype to choose one")
+    hasher = None
+    if hash_source:
+        hasher = _Hasher(src_file)
+        hasher.start()
+    meta = {
+        "schema": schema.SCHEMA_NAME,
+        "schema_version": str(schema.schema_version()),
+        "model": kind,
+        "config": _dumps(config),
+        "source": _dumps({"file": os.path.basename(src_file), "size": os.path.getsize(src_file), "sha256": "0" * 64}),
+        "converter_version": CONVERTER_VERSION,
+        "provenance": _dumps(plan.provenance()),
+        "dropped": _dumps(plan.dropped),
+        "dtype": floats[0] if floats else "F32",
+    }
+    tensors = {e.name: (stio.st_dtype(e.dtype, e.name), e.shape) for e in plan.entries}
+    errs = schema.check(kind, tensors, meta, src_file)
+    if errs:
+        raise ConvertError(f"{src_file}: the converted tensors would not match the schema:\n  " + "\n  ".join(errs[:20]))
+    return Prepared(kind, src, src_file, plan, meta, hasher)
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _refuse_other_model(kind: str, src: Source) -> None:
+    from .detect import detect
+
+    seen = detect(src.names())
+    if seen is not None and seen != kind:
+        raise ConvertError(f"{src.path}: looks like a {seen} checkpoint, not {kind}; use `convert.py {seen}`")
+
+
+def convert(kind: str, src_path: str, out_path: str, config_path: str | None = None, dtype: str = "keep",
+            force: bool = False, quiet: bool = False, allow_nonfinite: bool = False) -> Prepared:
+    mod = model_module(kind)
+    src_file, _ = locate(mod, src_path, config_path)
+    check_output_path(out_path, src_file, force)
+    p = prepare(kind, src_path, config_path, dtype)
+    try:
+        write(p, out_path, quiet, allow_nonfinite)
+    finally:
+        p.src.close()
+    kind_seen, errs = schema.check_file(out_path)
+    if errs:
+        raise ConvertError(f"{out_path}: written file fails the schema check (converter bug):\n  " + "\n  ".join(errs[:20]))
+    return p
+
+
+def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool) -> None:
+    from tqdm import tqdm
+
+    config = json.loads(p.metadata["config"])
+
+    def producer(e):
+        def produce() -> torch.Tensor:
+            if e.regenerate is not None:
+                t = e.regenerate(config)
+            else:
+                xs = [p.src.get(s) for s in e.sources]
+                try:
+                    t = ops.apply(e.op, xs)
+                except ops.OpError as err:
+                    raise ConvertError(f"{p.src_file}: {', '.join(e.sources)} -> {e.name}: {err}") from None
+            if t.is_floating_point() and not allow_nonfinite and not bool(torch.isfinite(t).all()):
+                raise ConvertError(f"{p.src_file}: tensor {', '.join(e.sources) or e.name} has NaN or Inf values (-> {e.name}); pass --allow-nonfinite to convert anyway")
+            return t.to(e.dtype)
+        return produce
+
+    outs = [stio.OutTensor(e.name, stio.st_dtype(e.dtype, e.name), e.shape, producer(e)) for e in p.plan.entries]
+    total = sum(o.nbytes for o in outs)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{p.kind} -> {os.path.basename(out_path)}",
+               disable=quiet, leave=False)
+
+    def final_meta() -> dict[str, str]:
+        src_info = json.loads(p.metadata["source"])
+        src_info["sha256"] = p.hasher.result() if p.hasher else sha256_file(p.src_file)
+        p.metadata["source"] = _dumps(src_info)
+        return p.metadata
+
+    try:
+        stio.write_stream(out_path, outs, p.metadata, bar.update, final_meta)
+    except OSError as e:
+        raise ConvertError(f"{out_path}: write failed: {e.strerror or e}; nothing was written there") from None
+    finally:
+        bar.close()

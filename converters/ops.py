@@ -1,0 +1,237 @@
+"""The small set of reversible tensor operations a mapping table may use.
+
+An op is written as a chain of steps, ``"split(dim=0,index=1,parts=3)|transpose"``:
+the first step receives the source tensors listed in ``from`` (in order), each later
+step receives the previous result.  The same string is stored in each canonical
+file's ``provenance``, so a reader (or ``verify``) can recompute or invert it.
+
+| step | inputs | forward | inverse |
+|---|---|---|---|
+| copy | 1 | x | y |
+| transpose | 1 (2-D) | x.T | y.T |
+| squeeze(dim) | 1 | drop a size-1 dim | unsqueeze |
+| exp | 1 | exp(x) | log(y) |
+| sqrt | 1 | sqrt(x) | y**2 |
+| split(dim,index,parts) | 1 | the index-th of ``parts`` equal chunks along dim | concatenate all chunks |
+| fold_weight_norm(dim) | 2: g, v | g * v / ||v|| (norm over every dim but ``dim``) | the folded weight itself |
+
+Only ``split`` and ``fold_weight_norm`` are many-to-one in reverse, and they may only
+appear as the first step of a chain.  Arithmetic is done in float32 (or float64 for
+float64 inputs) and cast to the output dtype by the caller.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+Shape = tuple[int, ...]
+
+
+class OpError(ValueError):
+    """The op cannot apply to these inputs; the caller adds file and tensor names."""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    args: tuple[tuple[str, int], ...] = ()
+
+    def arg(self, key: str) -> int:
+        for k, v in self.args:
+            if k == key:
+                return v
+        raise OpError(f"op {self.name} needs argument {key}")
+
+    def __str__(self) -> str:
+        if not self.args:
+            return self.name
+        return f"{self.name}(" + ",".join(f"{k}={v}" for k, v in self.args) + ")"
+
+
+_STEP_RE = re.compile(r"^([a-z_]+)(?:\(([^()]*)\))?$")
+# step name -> (number of inputs, required args)
+STEPS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "copy": (1, ()),
+    "transpose": (1, ()),
+    "squeeze": (1, ("dim",)),
+    "exp": (1, ()),
+    "sqrt": (1, ()),
+    "split": (1, ("dim", "index", "parts")),
+    "fold_weight_norm": (2, ("dim",)),
+}
+FIRST_ONLY = {"split", "fold_weight_norm"}
+
+
+def parse(op: str) -> list[Step]:
+    steps = []
+    for i, part in enumerate(op.split("|")):
+        m = _STEP_RE.match(part.strip())
+        if not m or m.group(1) not in STEPS:
+            raise OpError(f"unknown op step {part.strip()!r} in {op!r}")
+        name = m.group(1)
+        args: list[tuple[str, int]] = []
+        if m.group(2):
+            for kv in m.group(2).split(","):
+                k, _, v = kv.partition("=")
+                try:
+                    args.append((k.strip(), int(v)))
+                except ValueError:
+                    raise OpError(f"bad argument {kv!r} in {op!r}") from None
+        step = Step(name, tuple(args))
+        if sorted(k for k, _ in step.args) != sorted(STEPS[name][1]):
+            raise OpError(f"op step {name} takes arguments {STEPS[name][1]}, got {step}")
+        if i > 0 and name in FIRST_ONLY:
+            raise OpError(f"{name} may only be the first step of a chain: {op!r}")
+        steps.append(step)
+    return steps
+
+
+def n_inputs(op: str) -> int:
+    return STEPS[parse(op)[0].name][0]
+
+
+# ------------------------------------------------------------------ shapes
+
+
+def _shape_step(step: Step, shapes: list[Shape]) -> Shape:
+    n = STEPS[step.name][0]
+    if len(shapes) != n:
+        raise OpError(f"{step} takes {n} input(s), got {len(shapes)}")
+    s = shapes[0]
+    if step.name in ("copy", "exp", "sqrt"):
+        return s
+    if step.name == "transpose":
+        if len(s) != 2:
+            raise OpError(f"transpose needs a 2-D tensor, got shape {list(s)}")
+        return (s[1], s[0])
+    if step.name == "squeeze":
+        d = step.arg("dim")
+        if not -len(s) <= d < len(s) or s[d] != 1:
+            raise OpError(f"squeeze(dim={d}) needs size 1 there, got shape {list(s)}")
+        d %= len(s)
+        return s[:d] + s[d + 1:]
+    if step.name == "split":
+        d, idx, parts = step.arg("dim"), step.arg("index"), step.arg("parts")
+        if not -len(s) <= d < len(s) or parts < 1 or not 0 <= idx < parts or s[d] % parts:
+            raise OpError(f"{step} does not fit shape {list(s)}")
+        d %= len(s)
+        return s[:d] + (s[d] // parts,) + s[d + 1:]
+    if step.name == "fold_weight_norm":
+        g, v = shapes
+        d = step.arg("dim")
+        want = tuple(v[i] if i == d else 1 for i in range(len(v)))
+        if len(g) != len(v) or tuple(g) != want:
+            raise OpError(f"weight-norm g has shape {list(g)}, expected {list(want)} for v of shape {list(v)} with dim={d}")
+        return v
+    raise AssertionError(step.name)
+
+
+def out_shape(op: str, shapes: list[Shape]) -> Shape:
+    steps = parse(op)
+    s = _shape_step(steps[0], [tuple(x) for x in shapes])
+    for step in steps[1:]:
+        s = _shape_step(step, [s])
+    return s
+
+
+# ------------------------------------------------------------------ forward
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _apply_step(step: Step, xs: list[torch.Tensor]) -> torch.Tensor:
+    x = xs[0]
+    if step.name == "copy":
+        return x
+    if step.name == "transpose":
+        return x.t()
+    if step.name == "squeeze":
+        return x.squeeze(step.arg("dim"))
+    if step.name == "exp":
+        return torch.exp(x.to(_work_dtype(x)))
+    if step.name == "sqrt":
+        return torch.sqrt(x.to(_work_dtype(x)))
+    if step.name == "split":
+        return torch.chunk(x, step.arg("parts"), dim=step.arg("dim"))[step.arg("index")]
+    if step.name == "fold_weight_norm":
+        g, v = xs
+        wd = torch.promote_types(_work_dtype(g), _work_dtype(v))
+        g, v = g.to(wd), v.to(wd)
+        d = step.arg("dim")
+        dims = [i for i in range(v.dim()) if i != d]
+        norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+        return v * (g / norm)
+    raise AssertionError(step.name)
+
+
+def apply(op: str, xs: list[torch.Tensor]) -> torch.Tensor:
+    steps = parse(op)
+    y = _apply_step(steps[0], xs)
+    for step in steps[1:]:
+        y = _apply_step(step, [y])
+    return y
+
+
+# ------------------------------------------------------------------ inverse
+
+
+def _invert_simple(step: Step, y: torch.Tensor) -> torch.Tensor:
+    if step.name == "copy":
+        return y
+    if step.name == "transpose":
+        return y.t()
+    if step.name == "squeeze":
+        return y.unsqueeze(step.arg("dim"))
+    if step.name == "exp":
+        return torch.log(y.to(_work_dtype(y)))
+    if step.name == "sqrt":
+        return y.to(_work_dtype(y)) ** 2
+    raise AssertionError(step.name)
+
+
+WN_SUFFIXES = (".weight_v", ".parametrizations.weight.original1")
+
+
+def folded_name(v_name: str) -> str:
+    """The ``.weight`` name a weight-norm pair has once weight norm is removed."""
+    for suf in WN_SUFFIXES:
+        if v_name.endswith(suf):
+            return v_name[: -len(suf)] + ".weight"
+    raise OpError(f"{v_name!r} is not a weight-norm 'v' tensor name")
+
+
+def invert(provenance: dict[str, dict], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map canonical tensors back to upstream names.
+
+    Weight-norm pairs come back as the folded ``<module>.weight`` (load them into a model
+    whose weight norm was removed).  Tensors regenerated from the config (empty
+    ``from``) have no upstream source and are skipped.
+    """
+    out: dict[str, torch.Tensor] = {}
+    chunks: dict[str, dict] = {}
+    for name, prov in provenance.items():
+        srcs = prov["from"]
+        if not srcs:
+            continue
+        steps = parse(prov["op"])
+        y = tensors[name]
+        for step in reversed(steps[1:]):
+            y = _invert_simple(step, y)
+        first = steps[0]
+        if first.name == "split":
+            g = chunks.setdefault(srcs[0], {"dim": first.arg("dim"), "parts": first.arg("parts"), "got": {}})
+            g["got"][first.arg("index")] = y
+        elif first.name == "fold_weight_norm":
+            out[folded_name(srcs[1])] = y
+        else:
+            out[srcs[0]] = _invert_simple(first, y)
+    for src, g in chunks.items():
+        if sorted(g["got"]) != list(range(g["parts"])):
+            raise OpError(f"cannot rebuild {src!r}: have parts {sorted(g['got'])} of {g['parts']}")
+        out[src] = torch.cat([g["got"][i] for i in range(g["parts"])], dim=g["dim"])
+    return out

@@ -1,0 +1,269 @@
+"""The schema checker: ``canonical_schema.json`` against a file's header.
+
+The schema declares, per model kind, the config keys a runtime needs and every
+canonical tensor as a name pattern (``ups.{u}.weight``), a symbolic shape and a dtype
+class.  Shapes are small expressions over the config in the file's metadata, loop
+variables and free symbols (``["ch0 // 2**(u+1)", "num_mels", 7]``).  A bare name that
+is neither in the config nor a loop variable is a free symbol: bound by its first use
+and required to agree everywhere after, so a fine-tune with other sizes still passes.
+
+The checker reads headers only.  It is used twice: on the plan before a converter
+writes anything, and by ``convert.py check`` on finished files.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import os
+import string
+from functools import lru_cache
+
+from . import ops
+from .errors import ConvertError
+
+SCHEMA_NAME = "indextts2-canonical"
+SCHEMA_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "canonical_schema.json")
+REQUIRED_METADATA = ("schema", "schema_version", "model", "config", "source", "converter_version", "provenance", "dropped", "dtype")
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict:
+    with open(SCHEMA_PATH) as f:
+        return json.load(f)
+
+
+def schema_version() -> int:
+    return int(load_schema()["version"])
+
+
+def model_spec(kind: str) -> dict:
+    models = load_schema()["models"]
+    if kind not in models:
+        raise ConvertError(f"{SCHEMA_PATH}: no schema for model {kind!r}")
+    return models[kind]
+
+
+# ------------------------------------------------------------ expressions
+
+_BIN = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+}
+_CMP = {
+    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt,
+    ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
+}
+
+
+class Unbound(Exception):
+    def __init__(self, name: str):
+        self.name = name
+
+
+def evaluate(expr, env: dict):
+    """Evaluate a schema expression: ints, names, + - * // % **, comparisons,
+    and/or/not, ``x[i]``, ``len(x)``, ``a if c else b``.  Nothing else."""
+    if isinstance(expr, (int, float, bool)):
+        return expr
+    tree = _parse(expr)
+    return _ev(tree.body, env)
+
+
+@lru_cache(maxsize=4096)
+def _parse(expr: str) -> ast.Expression:
+    return ast.parse(expr, mode="eval")
+
+
+def _ev(n, env):
+    if isinstance(n, ast.Constant) and isinstance(n.value, (int, float, str, bool)):
+        return n.value
+    if isinstance(n, ast.Name):
+        if n.id in env:
+            return env[n.id]
+        raise Unbound(n.id)
+    if isinstance(n, ast.BinOp) and type(n.op) in _BIN:
+        return _BIN[type(n.op)](_ev(n.left, env), _ev(n.right, env))
+    if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
+        return -_ev(n.operand, env)
+    if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.Not):
+        return not _ev(n.operand, env)
+    if isinstance(n, ast.BoolOp):
+        vals = (_ev(v, env) for v in n.values)
+        return all(vals) if isinstance(n.op, ast.And) else any(vals)
+    if isinstance(n, ast.Compare) and len(n.ops) == 1 and type(n.ops[0]) in _CMP:
+        return _CMP[type(n.ops[0])](_ev(n.left, env), _ev(n.comparators[0], env))
+    if isinstance(n, ast.Subscript):
+        return _ev(n.value, env)[_ev(n.slice, env)]
+    if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "len" and len(n.args) == 1:
+        return len(_ev(n.args[0], env))
+    if isinstance(n, ast.IfExp):
+        return _ev(n.body, env) if _ev(n.test, env) else _ev(n.orelse, env)
+    raise ValueError(f"unsupported schema expression {ast.unparse(n)!r}")
+
+
+# ------------------------------------------------------------ expansion
+
+_TYPES = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "list": lambda v: isinstance(v, list),
+    "dict": lambda v: isinstance(v, dict),
+    "any": lambda v: True,
+}
+
+
+def _fields(pattern: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(pattern) if f]
+
+
+def expected_tensors(kind: str, config: dict) -> dict[str, dict]:
+    """name -> {"shape": [...], "dtype": class, "env": loop values} for this config."""
+    spec = model_spec(kind)
+    env = dict(config)
+    for k, expr in spec.get("let", {}).items():
+        env[k] = evaluate(expr, env)
+    out: dict[str, dict] = {}
+    for t in spec["tensors"]:
+        names = _fields(t["name"])
+
+        def rec(i, bound):
+            local = {**env, **bound}
+            if i == len(names):
+                if "when" in t and not evaluate(t["when"], local):
+                    return
+                out[t["name"].format(**bound)] = {"shape": t["shape"], "dtype": t["dtype"], "env": dict(bound)}
+                return
+            lim = evaluate(spec["loops"][names[i]], local)
+            for v in range(lim):
+                rec(i + 1, {**bound, names[i]: v})
+
+        rec(0, {})
+    return out
+
+
+def check(kind: str, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str], where: str) -> list[str]:
+    """Every problem found, as messages naming ``where`` and the tensor.  Empty = pass."""
+    errs: list[str] = []
+    for key in REQUIRED_METADATA:
+        if key not in metadata:
+            errs.append(f"{where}: metadata has no {key!r}")
+    if errs:
+        return errs
+    if metadata["schema"] != SCHEMA_NAME:
+        return [f"{where}: metadata schema is {metadata['schema']!r}, not {SCHEMA_NAME!r}"]
+    if metadata["schema_version"] != str(schema_version()):
+        return [f"{where}: made for schema version {metadata['schema_version']}, this tool checks version {schema_version()}; convert the source again"]
+    if metadata["model"] != kind:
+        return [f"{where}: metadata says model {metadata['model']!r}, expected {kind!r}"]
+    parsed = {}
+    for key in ("config", "provenance", "dropped", "source"):
+        try:
+            parsed[key] = json.loads(metadata[key])
+        except ValueError:
+            errs.append(f"{where}: metadata {key!r} is not valid JSON")
+            continue
+        if not isinstance(parsed[key], dict):
+            errs.append(f"{where}: metadata {key!r} is not a JSON object")
+    if errs:
+        return errs
+    config, prov = parsed["config"], parsed["provenance"]
+    spec = model_spec(kind)
+    for key, typ in spec["config"].items():
+        if key not in config:
+            errs.append(f"{where}: config has no {key!r}")
+        elif not _TYPES[typ](config[key]):
+            errs.append(f"{where}: config {key!r} = {config[key]!r} is not {typ}")
+    if errs:
+        return errs
+    file_dtype = metadata["dtype"]
+    if file_dtype not in FLOAT_DTYPES:
+        errs.append(f"{where}: metadata dtype {file_dtype!r} is not a float dtype")
+    try:
+        expected = expected_tensors(kind, config)
+    except (Unbound, KeyError, IndexError, TypeError, ValueError) as e:
+        return [f"{where}: the config does not fit the schema for {kind}: {e!r}"]
+    for name in sorted(set(expected) - set(tensors)):
+        errs.append(f"{where}: missing tensor {name!r}")
+    for name in sorted(set(tensors) - set(expected)):
+        errs.append(f"{where}: unexpected tensor {name!r}")
+    free: dict[str, int] = {}
+    env0 = dict(config)
+    for k, expr in spec.get("let", {}).items():
+        env0[k] = evaluate(expr, env0)
+    for name in sorted(set(expected) & set(tensors)):
+        exp = expected[name]
+        dtype, shape = tensors[name]
+        want_dt = exp["dtype"]
+        if want_dt == "float":
+            if dtype != file_dtype:
+                errs.append(f"{where}: tensor {name!r} is {dtype}, the file's float dtype is {file_dtype}")
+        elif dtype != want_dt:
+            errs.append(f"{where}: tensor {name!r} is {dtype}, schema says {want_dt}")
+        errs.extend(_check_shape(where, name, exp, shape, {**env0, **exp["env"]}, free))
+    # Provenance covers every tensor, and only those.
+    for name in sorted(set(tensors) - set(prov)):
+        errs.append(f"{where}: tensor {name!r} has no provenance")
+    for name in sorted(set(prov) - set(tensors)):
+        errs.append(f"{where}: provenance names {name!r}, which is not in the file")
+    for name in sorted(set(prov) & set(tensors)):
+        p = prov[name]
+        if not (isinstance(p, dict) and isinstance(p.get("from"), list) and all(isinstance(s, str) for s in p["from"]) and isinstance(p.get("op"), str)):
+            errs.append(f"{where}: provenance of {name!r} is malformed")
+            continue
+        if p["from"]:
+            try:
+                ops.parse(p["op"])
+            except ops.OpError as e:
+                errs.append(f"{where}: provenance of {name!r}: {e}")
+    if not all(isinstance(v, str) for v in parsed["dropped"].values()):
+        errs.append(f"{where}: metadata 'dropped' must map names to reasons")
+    return errs
+
+
+def _check_shape(where, name, exp, shape, env, free) -> list[str]:
+    want = exp["shape"]
+    if len(want) != len(shape):
+        return [f"{where}: tensor {name!r} has shape {list(shape)}, schema says {want}"]
+    # Bind bare free symbols first, then evaluate the rest.
+    for sym, got in zip(want, shape):
+        if isinstance(sym, str) and sym.isidentifier() and sym not in env:
+            if sym in free and free[sym] != got:
+                return [f"{where}: tensor {name!r} has {sym}={got}, but another tensor set {sym}={free[sym]}"]
+            free[sym] = got
+    for sym, got in zip(want, shape):
+        try:
+            val = evaluate(sym, {**env, **free})
+        except Unbound as e:
+            return [f"{where}: tensor {name!r}: schema shape {want} uses unbound symbol {e.name!r}"]
+        if val != got:
+            return [f"{where}: tensor {name!r} has shape {list(shape)}, schema says {want} = {[_show(s, env, free) for s in want]}"]
+    return []
+
+
+def _show(sym, env, free):
+    try:
+        return evaluate(sym, {**env, **free})
+    except Exception:
+        return sym
+
+
+def check_file(path: str) -> tuple[str | None, list[str]]:
+    """Check one canonical file by its header.  Returns (model kind, problems)."""
+    from . import safetensors_io as stio
+
+    try:
+        header = stio.read_header(path)
+    except ConvertError as e:
+        return None, [str(e)]
+    kind = header.metadata.get("model")
+    if header.metadata.get("schema") != SCHEMA_NAME or kind is None:
+        return kind, [f"{path}: not a canonical file (no {SCHEMA_NAME} schema metadata)"]
+    if kind not in load_schema()["models"]:
+        return kind, [f"{path}: unknown model kind {kind!r}"]
+    tensors = {n: (i.dtype, i.shape) for n, i in header.tensors.items()}
+    return kind, check(kind, tensors, header.metadata, path)

@@ -1,0 +1,244 @@
+"""The reader layer: every source file becomes a flat ``name -> tensor`` view.
+
+Supported inputs:
+- ``.safetensors`` (header validated by :mod:`safetensors_io`, tensors read one at a time)
+- zip ``.pth``/``.pt`` checkpoints, via ``torch.load(weights_only=True, mmap=True)``,
+  after checking the archive records (see :func:`_check_zip`)
+- legacy (pre-1.6, non-zip) ``.pth`` files, via ``torch.load(weights_only=True)``
+
+Known wrapper dicts (``generator``, ``model``, ``state_dict``, ``net``) are unwrapped,
+nested dicts of state dicts (``net = {"cfm": sd, ...}``) are flattened with ``.``, and
+DDP ``module.`` prefixes are stripped.  Whatever sits beside a wrapper (optimizer state,
+counters) is recorded in ``dropped`` with the reason and never read.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+
+import torch
+
+from . import safetensors_io as stio
+from .errors import ConvertError
+
+WRAPPERS = ("generator", "model", "state_dict", "net")
+CANONICAL_SCHEMA_NAME = "indextts2-canonical"
+
+ZIP_MAGIC = b"PK\x03\x04"
+LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."  # legacy torch.save prefix
+
+
+@dataclass
+class Source:
+    path: str
+    format: str  # "safetensors" | "pth-zip" | "pth-legacy"
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    dropped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    _tensors: dict[str, torch.Tensor] | None = None
+    _header: stio.Header | None = None
+    _fh: object = None
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.shapes:
+            raise ConvertError(f"{self.path}: no tensor {name!r}")
+        if self._tensors is not None:
+            return self._tensors[name]
+        assert self._header is not None
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        return stio.read_tensor(self.path, self._header.tensors[name], self._fh)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self._tensors = None
+
+
+def sniff(path: str) -> str:
+    """Tell the container format from the first bytes, or refuse with a reason."""
+    if os.path.isdir(path):
+        raise ConvertError(f"{path}: is a folder, expected a checkpoint file")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read: {e.strerror}") from None
+    if size == 0:
+        raise ConvertError(f"{path}: file is empty (0 bytes); the download probably failed")
+    if head.startswith(b"version https://git-lfs"):
+        raise ConvertError(f"{path}: is a git-lfs pointer file, not the weights; run `git lfs pull` in that repository")
+    low = head.lstrip().lower()
+    if low.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        raise ConvertError(f"{path}: is an HTML/XML page, not a checkpoint; the download saved an error page")
+    if head.startswith(ZIP_MAGIC):
+        return "pth-zip"
+    if head.startswith(LEGACY_MAGIC):
+        return "pth-legacy"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise ConvertError(f"{path}: not a safetensors file or a torch checkpoint (unrecognised first bytes); the file may be damaged")
+
+
+def open_source(path: str) -> Source:
+    fmt = sniff(path)
+    if fmt == "safetensors":
+        return _open_safetensors(path)
+    return _open_pth(path, fmt)
+
+
+def _open_safetensors(path: str) -> Source:
+    header = stio.read_header(path)
+    if header.metadata.get("schema") == CANONICAL_SCHEMA_NAME:
+        raise ConvertError(
+            f"{path}: is already a canonical file (model {header.metadata.get('model', '?')}); "
+            "converting it again would transform its tensors twice. Use `convert.py check` on it instead"
+        )
+    src = Source(path, "safetensors", {}, {}, metadata=dict(header.metadata), _header=header)
+    renamed: dict[str, str] = {}
+    for name, info in header.tensors.items():
+        flat = _strip_module(name)
+        if flat in renamed.values():
+            raise ConvertError(f"{path}: tensor names {name!r} and another collide after stripping 'module.' prefixes")
+        renamed[name] = flat
+    if any(k != v for k, v in renamed.items()):
+        src.notes.append("stripped DDP 'module.' prefixes")
+        src._header = stio.Header(header.path, header.metadata, {renamed[k]: v for k, v in header.tensors.items()}, header.data_start, header.file_size)
+    for name, info in src._header.tensors.items():
+        src.shapes[name] = info.shape
+        src.dtypes[name] = stio.DTYPES[info.dtype][0]
+    return src
+
+
+def _check_zip(path: str) -> bool:
+    """Validate a torch zip archive before memory-mapping it.
+
+    Returns True when every storage record is stored uncompressed inside the file, so a
+    memory map reads exactly its bytes.  Returns False when mmap would be unsafe (a
+    compressed record); the caller then uses a plain load, which checks sizes itself.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ConvertError(f"{path}: damaged zip checkpoint ({e}); the file is truncated or corrupt") from None
+    if not any(i.filename.endswith("/data.pkl") or i.filename == "data.pkl" for i in infos):
+        raise ConvertError(f"{path}: zip file without data.pkl; not a torch checkpoint")
+    size = os.path.getsize(path)
+    ok = True
+    for i in infos:
+        if i.header_offset + i.compress_size > size:
+            raise ConvertError(f"{path}: zip record {i.filename} lies past the end of the file; truncated")
+        if "/data/" in i.filename and i.compress_type != zipfile.ZIP_STORED:
+            ok = False
+    return ok
+
+
+def _load_pickle(path: str, mmap: bool):
+    try:
+        # weights_only is passed explicitly so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
+        if "Unsupported global" in str(e) or "Weights only load failed" in str(e):
+            raise ConvertError(
+                f"{path}: refused: the pickle asks for code or objects a weights-only load does not allow "
+                f"({_unsupported_global(str(e)) or first}); this is not a plain checkpoint and was not run"
+            ) from None
+        raise ConvertError(f"{path}: cannot unpickle checkpoint: {first}") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(f"{path}: damaged checkpoint: {first}") from None
+
+
+def _unsupported_global(msg: str) -> str | None:
+    for line in msg.splitlines():
+        if "Unsupported global" in line:
+            return line.strip().rstrip(".")
+    return None
+
+
+def _open_pth(path: str, fmt: str) -> Source:
+    if fmt == "pth-zip":
+        obj = _load_pickle(path, mmap=_check_zip(path))
+    else:
+        obj = _load_pickle(path, mmap=False)
+    src = Source(path, fmt, {}, {})
+    tensors = unwrap(obj, src)
+    src._tensors = tensors
+    for name, t in tensors.items():
+        src.shapes[name] = tuple(t.shape)
+        src.dtypes[name] = t.dtype
+    return src
+
+
+def _strip_module(name: str) -> str:
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
+def _is_tensor_dict(d: dict) -> bool:
+    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def unwrap(obj, src: Source) -> dict[str, torch.Tensor]:
+    """Peel known wrapper dicts and flatten to ``name -> tensor``."""
+    path = src.path
+    if not isinstance(obj, dict):
+        raise ConvertError(f"{path}: checkpoint holds a {type(obj).__name__}, expected a dict of tensors")
+    trail: list[str] = []
+    while not _is_tensor_dict(obj):
+        keys = [k for k in WRAPPERS if k in obj]
+        if not keys:
+            if all(isinstance(v, dict) for v in obj.values()) and trail and trail[-1] == "net":
+                break  # net = {submodule: state_dict}: flattened below
+            raise ConvertError(f"{path}: no state dict found: top-level keys are {sorted(map(str, obj))[:12]}, none of the known wrappers {list(WRAPPERS)}")
+        key = keys[0]
+        for other in obj:
+            if other != key:
+                src.dropped[".".join(trail + [str(other)])] = f"beside the {key!r} wrapper: not model weights (training state or bookkeeping); never read"
+        trail.append(key)
+        obj = obj[key]
+        if not isinstance(obj, dict):
+            raise ConvertError(f"{path}: wrapper {'.'.join(trail)!r} holds a {type(obj).__name__}, expected a dict")
+    if trail:
+        src.notes.append(f"unwrapped {' -> '.join(repr(k) for k in trail)}")
+    out: dict[str, torch.Tensor] = {}
+    stripped = False
+
+    def walk(d: dict, prefix: str) -> None:
+        nonlocal stripped
+        for k, v in d.items():
+            if not isinstance(k, str):
+                raise ConvertError(f"{path}: non-string key {k!r} under {prefix or 'the top level'}")
+            name = _strip_module(k)
+            stripped |= name != k
+            full = prefix + name
+            if isinstance(v, torch.Tensor):
+                if full in out:
+                    raise ConvertError(f"{path}: tensor {full!r} appears twice after stripping 'module.' prefixes")
+                out[full] = v
+            elif isinstance(v, dict):
+                walk(v, full + ".")
+            else:
+                raise ConvertError(f"{path}: entry {full!r} is a {type(v).__name__}, not a tensor")
+
+    walk(obj, "")
+    if stripped:
+        src.notes.append("stripped DDP 'module.' prefixes")
+    if not out:
+        raise ConvertError(f"{path}: the checkpoint holds no tensors")
+    return out
