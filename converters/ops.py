@@ -162,10 +162,9 @@ def _apply_step(step: Step, xs: list[torch.Tensor]) -> torch.Tensor:
         g, v = xs
         wd = torch.promote_types(_work_dtype(g), _work_dtype(v))
         g, v = g.to(wd), v.to(wd)
-        d = step.arg("dim")
-        dims = [i for i in range(v.dim()) if i != d]
-        norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
-        return v * (g / norm)
+        # torch's own kernel, so the result is bit-identical to what upstream's
+        # remove_weight_norm() computes: v * (g / ||v||), norm over all dims but `dim`.
+        return torch._weight_norm(v, g, step.arg("dim"))
     raise AssertionError(step.name)
 
 

@@ -1,0 +1,37 @@
+# The two set-up commands on a fresh machine are `make convert` and `make test`;
+# both create .venv with pip on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip --disable-pip-version-check
+SRC    ?= demo/release
+OUT    ?= canonical
+INDEXTTS2_INFERENCE := indextts2-inference==2.1.1
+
+.PHONY: convert test check bench demo clean
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-deps $(INDEXTTS2_INFERENCE)
+	touch $@
+
+convert: $(VENV)/.runtime
+	$(PY) convert.py all --src $(SRC) --out $(OUT) --force
+
+check: $(VENV)/.runtime
+	$(PY) convert.py check $(OUT)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q tests
+
+# Regenerate the committed demo release from the upstream classes.
+demo: $(VENV)/.dev
+	$(PY) scripts/make_demo.py demo/release
+
+clean:
+	rm -rf $(OUT)
