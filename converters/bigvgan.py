@@ -16,8 +16,7 @@ Canonical form:
 
 from __future__ import annotations
 
-import json
-
+from .configs import load_json, require
 from .errors import ConvertError
 from .table import Drop, row, wn
 
@@ -35,23 +34,14 @@ DROPS: list[Drop] = []
 
 
 def load_config(path: str) -> dict:
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{path}: cannot read BigVGAN config: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConvertError(f"{path}: BigVGAN config is not a JSON object")
-    return cfg
+    return load_json(path)
 
 
 def runtime_config(raw: dict, path: str) -> dict:
     """The hyperparameters a runtime needs, with upstream's defaults made explicit."""
     need = ("num_mels", "upsample_rates", "upsample_kernel_sizes", "upsample_initial_channel",
             "resblock", "resblock_kernel_sizes", "resblock_dilation_sizes", "activation", "snake_logscale")
-    missing = [k for k in need if k not in raw]
-    if missing:
-        raise ConvertError(f"{path}: BigVGAN config lacks {', '.join(missing)}")
+    require(raw, need, path, "BigVGAN")
     if str(raw["resblock"]) != "1":
         raise ConvertError(f"{path}: resblock type {raw['resblock']!r} is not supported (BigVGAN v2 uses type '1')")
     if raw["activation"] not in ("snake", "snakebeta"):

@@ -71,19 +71,29 @@ def main():
     """Convert IndexTTS-2 checkpoints into canonical, schema-checked safetensors."""
 
 
+def _extra_options(kind: str) -> dict[str, tuple[str, str]]:
+    """A model's extra source files: {option name: (help, file name in a release folder)}."""
+    try:
+        return getattr(engine.model_module(kind), "EXTRA_OPTIONS", {})
+    except ConvertError:
+        return {}
+
+
 def _model_command(kind: str):
-    @main.command(kind, help=f"Convert one {kind} checkpoint (file or folder) to a canonical file.")
-    @click.argument("src", type=click.Path())
-    @click.argument("out_file", type=click.Path())
-    @click.option("--config", type=click.Path(), default=None, help="Config file (default: the one beside the source).")
-    @convert_options
-    @guarded
-    def cmd(src, out_file, config, dtype, force, quiet, allow_nonfinite):
-        p = engine.convert(kind, src, out_file, config, dtype, force, quiet, allow_nonfinite)
+    def cmd(src, out_file, config, dtype, force, quiet, allow_nonfinite, **extra):
+        extra = {k: v for k, v in extra.items() if v is not None}
+        p = engine.convert(kind, src, out_file, config, dtype, force, quiet, allow_nonfinite, extra)
         if not quiet:
             click.echo(f"wrote {out_file} ({kind}, {len(p.plan.entries)} tensors, {len(p.plan.dropped)} dropped)")
 
-    return cmd
+    cmd = guarded(cmd)
+    cmd = convert_options(cmd)
+    for name, (help_text, _) in _extra_options(kind).items():
+        cmd = click.option(f"--{name}", name, type=click.Path(), default=None, help=help_text)(cmd)
+    cmd = click.option("--config", type=click.Path(), default=None, help="Config file (default: the one beside the source).")(cmd)
+    cmd = click.argument("out_file", type=click.Path())(cmd)
+    cmd = click.argument("src", type=click.Path())(cmd)
+    return main.command(kind, help=f"Convert one {kind} checkpoint (file or folder) to a canonical file.")(cmd)
 
 
 for _kind in engine.MODELS:
@@ -110,7 +120,8 @@ def all_cmd(src, out, w2v_bert, bigvgan, dtype, force, quiet, allow_nonfinite):
     for kind, (src_name, out_name) in ALL_LAYOUT.items():
         s = override.get(kind) or os.path.join(src, src_name)
         o = os.path.join(out, out_name)
-        p = engine.convert(kind, s, o, None, dtype, force, quiet, allow_nonfinite)
+        extra = {name: os.path.join(src, file) for name, (_, file) in _extra_options(kind).items()}
+        p = engine.convert(kind, s, o, None, dtype, force, quiet, allow_nonfinite, extra)
         if not quiet:
             click.echo(f"wrote {o} ({kind}, {len(p.plan.entries)} tensors, {len(p.plan.dropped)} dropped)")
 

@@ -19,16 +19,16 @@ import torch
 from . import ops, schema
 from . import safetensors_io as stio
 from .errors import ConvertError
-from .sources import Source, open_source
+from .sources import CombinedSource, Source, open_source
 from .table import Plan, resolve
 
 CONVERTER_VERSION = "0.1.0"
 
-# model kind -> module under converters/ (None = not written yet)
-MODELS: dict[str, str | None] = {
-    "gpt": None,
-    "s2mel": None,
-    "w2v-bert": None,
+# model kind -> module under converters/ (a missing module = not written yet)
+MODELS: dict[str, str] = {
+    "gpt": "converters.gpt",
+    "s2mel": "converters.s2mel",
+    "w2v-bert": "converters.w2v_bert",
     "bigvgan": "converters.bigvgan",
 }
 DTYPE_CHOICES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,9 +37,12 @@ DTYPE_CHOICES = {"keep": None, "float32": torch.float32, "float16": torch.float1
 def model_module(kind: str):
     if kind not in MODELS:
         raise ConvertError(f"unknown model {kind!r}; known: {', '.join(MODELS)}")
-    if MODELS[kind] is None:
-        raise ConvertError(f"the {kind} converter does not exist yet")
-    return importlib.import_module(MODELS[kind])
+    try:
+        return importlib.import_module(MODELS[kind])
+    except ModuleNotFoundError as e:
+        if e.name != MODELS[kind]:
+            raise
+        raise ConvertError(f"the {kind} converter does not exist yet") from None
 
 
 def sha256_file(path: str, chunk: int = 8 << 20) -> str:
@@ -116,32 +119,42 @@ class Prepared:
     src_file: str
     plan: Plan
     metadata: dict[str, str]
-    hasher: _Hasher | None
+    hashers: dict[str, _Hasher]
+    files: dict[str, str]  # "" for the main source, else the extra source's prefix
 
 
-def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "keep", hash_source: bool = True) -> Prepared:
+def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "keep", hash_source: bool = True,
+            extra: dict[str, str] | None = None) -> Prepared:
     mod = model_module(kind)
     src_file, cfg_file = locate(mod, src_path, config_path)
     raw = mod.load_config(cfg_file)
     config = mod.runtime_config(raw, cfg_file)
-    src = open_source(src_file)
-    _refuse_other_model(kind, src)
+    main = open_source(src_file)
+    _refuse_other_model(kind, main)
+    # Models built from several upstream files name the others here: {prefix: path}.
+    extra_files = mod.extra_sources(src_file, extra or {}) if hasattr(mod, "extra_sources") else {}
+    src = CombinedSource(main, {p: open_source(f) for p, f in extra_files.items()}) if extra_files else main
+    files = {"": src_file, **extra_files}
     rows, loops = mod.table(config)
     target = DTYPE_CHOICES[dtype]
     plan = resolve(src, rows, loops, mod.DROPS, config, target)
     floats = sorted({stio.st_dtype(e.dtype) for e in plan.entries if e.dtype.is_floating_point})
     if len(floats) > 1:
         raise ConvertError(f"{src_file}: source mixes float dtypes {floats}; pass --dtype to choose one")
-    hasher = None
+    hashers = {}
     if hash_source:
-        hasher = _Hasher(src_file)
-        hasher.start()
+        for prefix, f in files.items():
+            hashers[prefix] = _Hasher(f)
+            hashers[prefix].start()
+    source = _file_info(src_file)
+    if extra_files:
+        source["extra"] = {p: _file_info(f) for p, f in extra_files.items()}
     meta = {
         "schema": schema.SCHEMA_NAME,
         "schema_version": str(schema.schema_version()),
         "model": kind,
         "config": _dumps(config),
-        "source": _dumps({"file": os.path.basename(src_file), "size": os.path.getsize(src_file), "sha256": "0" * 64}),
+        "source": _dumps(source),
         "converter_version": CONVERTER_VERSION,
         "provenance": _dumps(plan.provenance()),
         "dropped": _dumps(plan.dropped),
@@ -151,7 +164,12 @@ def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "kee
     errs = schema.check(kind, tensors, meta, src_file)
     if errs:
         raise ConvertError(f"{src_file}: the converted tensors would not match the schema:\n  " + "\n  ".join(errs[:20]))
-    return Prepared(kind, src, src_file, plan, meta, hasher)
+    return Prepared(kind, src, src_file, plan, meta, hashers, files)
+
+
+def _file_info(path: str) -> dict:
+    # sha256 is a placeholder of the final length; write() fills it in at the end.
+    return {"file": os.path.basename(path), "size": os.path.getsize(path), "sha256": "0" * 64}
 
 
 def _dumps(obj) -> str:
@@ -167,11 +185,15 @@ def _refuse_other_model(kind: str, src: Source) -> None:
 
 
 def convert(kind: str, src_path: str, out_path: str, config_path: str | None = None, dtype: str = "keep",
-            force: bool = False, quiet: bool = False, allow_nonfinite: bool = False) -> Prepared:
+            force: bool = False, quiet: bool = False, allow_nonfinite: bool = False,
+            extra: dict[str, str] | None = None) -> Prepared:
     mod = model_module(kind)
     src_file, _ = locate(mod, src_path, config_path)
     check_output_path(out_path, src_file, force)
-    p = prepare(kind, src_path, config_path, dtype)
+    p = prepare(kind, src_path, config_path, dtype, extra=extra)
+    for f in p.files.values():
+        if os.path.exists(out_path) and os.path.samefile(out_path, f):
+            raise ConvertError(f"{out_path}: is an input file (or a link to it); refusing to write over a source")
     try:
         write(p, out_path, quiet, allow_nonfinite)
     finally:
@@ -208,9 +230,11 @@ def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool) -> Non
                disable=quiet, leave=False)
 
     def final_meta() -> dict[str, str]:
-        src_info = json.loads(p.metadata["source"])
-        src_info["sha256"] = p.hasher.result() if p.hasher else sha256_file(p.src_file)
-        p.metadata["source"] = _dumps(src_info)
+        info = json.loads(p.metadata["source"])
+        for prefix, f in p.files.items():
+            digest = p.hashers[prefix].result() if prefix in p.hashers else sha256_file(f)
+            (info if prefix == "" else info["extra"][prefix])["sha256"] = digest
+        p.metadata["source"] = _dumps(info)
         return p.metadata
 
     try:

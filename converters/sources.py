@@ -242,3 +242,30 @@ def unwrap(obj, src: Source) -> dict[str, torch.Tensor]:
     if not out:
         raise ConvertError(f"{path}: the checkpoint holds no tensors")
     return out
+
+
+class CombinedSource(Source):
+    """A main source plus extra files whose tensors appear under a prefix
+    (``stats/mean``), for models built from more than one upstream file."""
+
+    def __init__(self, main: Source, extras: dict[str, Source]):
+        super().__init__(main.path, main.format, dict(main.shapes), dict(main.dtypes),
+                         dict(main.dropped), list(main.notes), dict(main.metadata))
+        self.parts: dict[str, Source] = {"": main}
+        for prefix, src in extras.items():
+            self.parts[prefix] = src
+            for n in src.names():
+                self.shapes[prefix + n] = src.shapes[n]
+                self.dtypes[prefix + n] = src.dtypes[n]
+            self.dropped.update({prefix + k: v for k, v in src.dropped.items()})
+            self.notes.extend(f"{src.path}: {n}" for n in src.notes)
+
+    def get(self, name: str) -> torch.Tensor:
+        for prefix, src in self.parts.items():
+            if prefix and name.startswith(prefix):
+                return src.get(name[len(prefix):])
+        return self.parts[""].get(name)
+
+    def close(self) -> None:
+        for src in self.parts.values():
+            src.close()
