@@ -174,8 +174,11 @@ def inspect_cmd(path, config):
     kind = None
     if os.path.isdir(path):
         for k in engine.MODELS:
-            mod = engine.MODELS[k] and engine.model_module(k)
-            if mod and any(os.path.isfile(os.path.join(path, n)) for n in mod.SOURCE_FILES):
+            try:
+                mod = engine.model_module(k)
+            except ConvertError:
+                continue  # converter not written yet
+            if any(os.path.isfile(os.path.join(path, n)) for n in mod.SOURCE_FILES):
                 kind = k
                 break
         if kind is None:

@@ -227,7 +227,7 @@ def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool) -> Non
     outs = [stio.OutTensor(e.name, stio.st_dtype(e.dtype, e.name), e.shape, producer(e)) for e in p.plan.entries]
     total = sum(o.nbytes for o in outs)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{p.kind} -> {os.path.basename(out_path)}",
-               disable=quiet, leave=False)
+               disable=True if quiet else None, leave=False)  # None: off when stderr is not a terminal
 
     def final_meta() -> dict[str, str]:
         info = json.loads(p.metadata["source"])
