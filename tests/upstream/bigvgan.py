@@ -103,3 +103,11 @@ def folded_copy(m):
         warnings.simplefilter("ignore")
         m.remove_weight_norm()
     return m
+
+
+def demo_config() -> dict:
+    return {}  # BigVGAN carries its own config.json
+
+
+def write_demo(release_dir: str, config: dict) -> None:
+    save_release(build(seed=2026), os.path.join(release_dir, "bigvgan"))
