@@ -16,8 +16,11 @@ file's ``provenance``, so a reader (or ``verify``) can recompute or invert it.
 | fold_weight_norm(dim) | 2: g, v | g * v / ||v|| (norm over every dim but ``dim``) | the folded weight itself |
 
 Only ``split`` and ``fold_weight_norm`` are many-to-one in reverse, and they may only
-appear as the first step of a chain.  Arithmetic is done in float32 (or float64 for
-float64 inputs) and cast to the output dtype by the caller.
+appear as the first step of a chain, with one exception: ``split`` may directly follow
+``fold_weight_norm`` (a fused weight-normed projection, folded as a whole, then split
+into its parts: ``fold_weight_norm(dim=0)|split(dim=0,index=1,parts=2)``).
+Arithmetic is done in float32 (or float64 for float64 inputs) and cast to the output
+dtype by the caller.
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ def parse(op: str) -> list[Step]:
         step = Step(name, tuple(args))
         if sorted(k for k, _ in step.args) != sorted(STEPS[name][1]):
             raise OpError(f"op step {name} takes arguments {STEPS[name][1]}, got {step}")
-        if i > 0 and name in FIRST_ONLY:
+        fold_then_split = i == 1 and name == "split" and steps[0].name == "fold_weight_norm"
+        if i > 0 and name in FIRST_ONLY and not fold_then_split:
             raise OpError(f"{name} may only be the first step of a chain: {op!r}")
         steps.append(step)
     return steps
@@ -219,11 +223,14 @@ def invert(provenance: dict[str, dict], tensors: dict[str, torch.Tensor]) -> dic
             continue
         steps = parse(prov["op"])
         y = tensors[name]
-        for step in reversed(steps[1:]):
+        # fold_weight_norm|split: the split's chunks rebuild the folded weight.
+        folded_split = len(steps) > 1 and steps[0].name == "fold_weight_norm" and steps[1].name == "split"
+        for step in reversed(steps[2 if folded_split else 1:]):
             y = _invert_simple(step, y)
-        first = steps[0]
+        first = steps[1] if folded_split else steps[0]
         if first.name == "split":
-            g = chunks.setdefault(srcs[0], {"dim": first.arg("dim"), "parts": first.arg("parts"), "got": {}})
+            key = folded_name(srcs[1]) if folded_split else srcs[0]
+            g = chunks.setdefault(key, {"dim": first.arg("dim"), "parts": first.arg("parts"), "got": {}})
             g["got"][first.arg("index")] = y
         elif first.name == "fold_weight_norm":
             out[folded_name(srcs[1])] = y
