@@ -29,9 +29,16 @@ Canonical form (upstream module paths kept):
   ``glu = value(x) * sigmoid(gate(x))``
 - ``conv_module.pointwise_conv2`` (kernel-1 Conv1d) becomes a linear ``[H, H]``
 - ``conv_module.depthwise_conv`` stays a Conv1d weight ``[H, 1, K]`` (groups = H)
+- all ``num_hidden_layers`` layers are kept (IndexTTS-2 only runs the first 17; a
+  runtime may stop there), and an encoder with fewer than 17 layers is refused
 - ``masked_spec_embed`` is dropped: the SpecAugment mask vector is only written into
   time steps that are masked during training (or when a caller passes
   ``mask_time_indices``); inference never reads it.
+
+Refused: ``position_embeddings_type`` other than ``relative_key`` (rotary/relative
+attention have other tensors), ``add_adapter`` / ``use_intermediate_ffn_before_adapter``
+(not w2v-bert-2.0), activations other than swish/silu/gelu/relu.  ``hidden_act`` is
+written as ``silu`` for upstream's ``swish`` (the same function, x * sigmoid(x)).
 """
 
 from __future__ import annotations
