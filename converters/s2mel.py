@@ -148,12 +148,17 @@ def runtime_config(raw: dict, path: str) -> dict:
     require(style, ("dim",), path, "s2mel style_encoder")
     if dit["final_layer_type"] != "wavenet":
         raise ConvertError(f"{path}: DiT final_layer_type {dit['final_layer_type']!r} is not supported (IndexTTS-2 uses 'wavenet')")
-    if _flag(dit, "time_as_token"):
-        raise ConvertError(f"{path}: DiT time_as_token: true is not supported (IndexTTS-2 uses false)")
+    for key in ("time_as_token", "style_as_token"):
+        # (style_as_token also breaks upstream's WaveNet head: its mask gets one frame too many)
+        if _flag(dit, key):
+            raise ConvertError(f"{path}: DiT {key}: true is not supported (IndexTTS-2 uses false)")
     if bool(dit["style_condition"]) != bool(wnet["style_condition"]):
         raise ConvertError(f"{path}: DiT.style_condition and wavenet.style_condition differ (upstream asserts they agree)")
     if dit["hidden_dim"] % dit["num_heads"]:
         raise ConvertError(f"{path}: DiT hidden_dim {dit['hidden_dim']} is not a multiple of num_heads {dit['num_heads']}")
+    if wnet["hidden_dim"] != dit["hidden_dim"]:
+        raise ConvertError(f"{path}: wavenet hidden_dim {wnet['hidden_dim']} differs from DiT hidden_dim {dit['hidden_dim']}; "
+                           "upstream's FinalLayer modulates the WaveNet output with the transformer's timestep embedding, so they must agree")
     if wnet["kernel_size"] % 2 != 1:
         raise ConvertError(f"{path}: wavenet kernel_size {wnet['kernel_size']} is even (upstream WN asserts it is odd)")
     for key, want in (("is_discrete", False), ("vector_quantize", False), ("f0_condition", False)):
@@ -186,7 +191,7 @@ def runtime_config(raw: dict, path: str) -> dict:
         "content_dim": int(dit["content_dim"]),
         "style_dim": int(style["dim"]),
         "style_condition": bool(dit["style_condition"]),
-        "style_as_token": _flag(dit, "style_as_token"),
+        "style_as_token": False,
         "time_as_token": False,
         "uvit_skip_connection": uvit,
         "uvit_skip_from": uvit_skip_from(depth) if uvit else [-1] * depth,
@@ -298,8 +303,6 @@ def table(cfg: dict):
         *_linear(f"{E}cond_x_merge_linear", f"{E}cond_x_merge_linear"),
         *_timestep("t_embedder"),
     ]
-    if cfg["style_as_token"]:
-        rows += _linear(f"{E}style_in", f"{E}style_in")
     if cfg["long_skip_connection"]:
         rows += _linear(f"{E}skip_linear", f"{E}skip_linear")
     # WaveNet head

@@ -57,7 +57,7 @@ TINY = {
         "uvit_skip_connection": True,
         "add_resblock_in_transformer": False,
     },
-    "wavenet": {"hidden_dim": 12, "num_layers": 3, "kernel_size": 5, "dilation_rate": 2, "p_dropout": 0.2, "style_condition": True},
+    "wavenet": {"hidden_dim": 16, "num_layers": 3, "kernel_size": 5, "dilation_rate": 2, "p_dropout": 0.2, "style_condition": True},
 }
 
 SUBMODULES = ("cfm", "length_regulator", "gpt_layer")
