@@ -236,7 +236,7 @@ def _conformer_rows(stack: str, blk: str) -> list[Row]:
 
 
 def _perceiver_rows(stack: str, lay: str, proj_context: bool) -> list[Row]:
-    c, s = f"{stack}.layers.{{{lay}}}", f"{stack}.layers.{{{lay}}}"
+    c = s = f"{stack}.layers.{{{lay}}}"  # canonical / upstream prefix (same path; children renamed)
     rows = [row(f"{stack}.latents", "copy", f"{stack}.latents")]
     if proj_context:
         rows += [row(f"{stack}.proj_context.weight", "copy", f"{stack}.proj_context.weight"),
