@@ -214,7 +214,7 @@ class AtomicOutput:
             import secrets
 
             self.tmp_name = os.path.join(self.dir, f".{os.path.basename(self.path)}.{secrets.token_hex(6)}.tmp")
-            os.link(f"/proc/self/fd/{self.fd}", self.tmp_name, follow_symlinks=True)
+            _link_fd(self.fd, self.tmp_name)
         os.replace(self.tmp_name, self.path)
         self.tmp_name = None
         self.file.close()
@@ -243,6 +243,23 @@ def _open_anonymous(folder: str, mode: int) -> int | None:
         return None
 
 
+def _link_fd(fd: int, path: str) -> None:
+    """Give an anonymous O_TMPFILE a name: linkat through /proc (works unprivileged),
+    else linkat(fd, "", AT_EMPTY_PATH) (needs CAP_DAC_READ_SEARCH on older kernels,
+    but works where /proc links are refused, as in some sandboxes)."""
+    try:
+        os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)
+        return
+    except OSError as first:
+        err = first
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, at_empty_path = -100, 0x1000
+    if libc.linkat(fd, b"", at_fdcwd, os.fsencode(path), at_empty_path) != 0:
+        raise OSError(ctypes.get_errno(), f"cannot link temporary file ({err.strerror})", path)
+
+
 _LINKABLE: dict[str, bool] = {}
 
 
@@ -257,7 +274,7 @@ def _tmpfile_links(folder: str) -> bool:
 
             probe = os.path.join(folder, f".probe-{secrets.token_hex(6)}.tmp")
             try:
-                os.link(f"/proc/self/fd/{fd}", probe, follow_symlinks=True)
+                _link_fd(fd, probe)
                 os.unlink(probe)
                 ok = True
             except OSError:

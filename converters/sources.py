@@ -122,28 +122,104 @@ def _open_safetensors(path: str) -> Source:
     return src
 
 
-def _check_zip(path: str) -> bool:
-    """Validate a torch zip archive before memory-mapping it.
+# Bytes per element of the storage classes torch.save writes in persistent ids.
+STORAGE_ITEMSIZE = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+    "BoolStorage": 1, "UntypedStorage": 1, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16,
+    "Float8_e4m3fnStorage": 1, "Float8_e5m2Storage": 1,
+}
 
-    Returns True when every storage record is stored uncompressed inside the file, so a
-    memory map reads exactly its bytes.  Returns False when mmap would be unsafe (a
-    compressed record); the caller then uses a plain load, which checks sizes itself.
+
+class _Stub:
+    """Stands in for every global while scanning a pickle: nothing real is imported or called."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Stub()
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, x):
+        pass
+
+    def extend(self, xs):
+        pass
+
+
+def _declared_storages(path: str, pkl: bytes) -> list[tuple[str, str, int]]:
+    """(key, storage class, numel) of every storage a torch pickle refers to, found by
+    running the pickle with stub globals (no real import, no real call)."""
+    found: list[tuple[str, str, int]] = []
+
+    class Scanner(pickle.Unpickler):
+        def find_class(self, module, name):
+            return type(name, (_Stub,), {"_qualname": f"{module}.{name}"})
+
+        def persistent_load(self, pid):
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+                raise ConvertError(f"{path}: unexpected persistent id in data.pkl: {str(pid)[:80]}")
+            _, cls, key, _location, numel = pid
+            cls_name = getattr(cls, "__name__", str(cls))
+            if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+                raise ConvertError(f"{path}: malformed storage reference in data.pkl: {str(pid)[:80]}")
+            found.append((key, cls_name, numel))
+            return _Stub()
+
+    import io
+
+    try:
+        Scanner(io.BytesIO(pkl)).load()
+    except ConvertError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure here means a damaged pickle
+        raise ConvertError(f"{path}: damaged data.pkl ({type(e).__name__}: {e})") from None
+    return found
+
+
+def _check_zip(path: str) -> bool:
+    """Validate a torch zip archive before loading it.
+
+    Every storage data.pkl refers to must have its record in the archive, lying inside
+    the file, with exactly the declared number of bytes: ``torch.load(mmap=True)`` does
+    not check this, so a forged pickle would read neighbouring bytes.  Returns True
+    when every record is stored uncompressed (safe to memory-map), False when one is
+    compressed (the caller then loads without mmap).
     """
     try:
         with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-    except (zipfile.BadZipFile, OSError) as e:
+            infos = {i.filename: i for i in z.infolist()}
+            pkl_names = [n for n in infos if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(pkl_names) != 1:
+                raise ConvertError(f"{path}: zip file with {len(pkl_names)} data.pkl records; not a torch checkpoint")
+            pkl_name = pkl_names[0]
+            pkl = z.read(pkl_name)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise ConvertError(f"{path}: damaged zip checkpoint ({e}); the file is truncated or corrupt") from None
-    if not any(i.filename.endswith("/data.pkl") or i.filename == "data.pkl" for i in infos):
-        raise ConvertError(f"{path}: zip file without data.pkl; not a torch checkpoint")
     size = os.path.getsize(path)
-    ok = True
-    for i in infos:
-        if i.header_offset + i.compress_size > size:
+    for i in infos.values():
+        if i.header_offset + 30 + len(i.filename) + i.compress_size > size:
             raise ConvertError(f"{path}: zip record {i.filename} lies past the end of the file; truncated")
-        if "/data/" in i.filename and i.compress_type != zipfile.ZIP_STORED:
-            ok = False
-    return ok
+    prefix = pkl_name[: -len("data.pkl")]
+    mmap_ok = True
+    for key, cls, numel in _declared_storages(path, pkl):
+        rec = infos.get(f"{prefix}data/{key}")
+        if rec is None:
+            raise ConvertError(f"{path}: data.pkl refers to storage {key!r}, which the archive does not contain")
+        if cls not in STORAGE_ITEMSIZE:
+            raise ConvertError(f"{path}: storage {key!r} has unsupported type {cls}")
+        want = numel * STORAGE_ITEMSIZE[cls]
+        if rec.file_size != want:
+            raise ConvertError(f"{path}: storage {key!r} declares {want} bytes but its zip record holds {rec.file_size}; the file is forged or damaged")
+        if rec.compress_type != zipfile.ZIP_STORED:
+            mmap_ok = False
+    return mmap_ok
 
 
 def _load_pickle(path: str, mmap: bool):
@@ -158,7 +234,7 @@ def _load_pickle(path: str, mmap: bool):
                 f"({_unsupported_global(str(e)) or first}); this is not a plain checkpoint and was not run"
             ) from None
         raise ConvertError(f"{path}: cannot unpickle checkpoint: {first}") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    except Exception as e:  # noqa: BLE001 - whatever torch.load raises, the file is unusable
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConvertError(f"{path}: damaged checkpoint: {first}") from None
 

@@ -23,6 +23,7 @@ import torch
 
 from . import ops
 from .errors import ConvertError
+from .safetensors_io import TORCH_TO_ST as SUPPORTED_DTYPES
 from .sources import Source
 
 
@@ -175,6 +176,9 @@ def resolve(
         if absent:
             missing.extend(absent)
             continue
+        for s in srcs:
+            if src.dtypes[s] not in SUPPORTED_DTYPES:
+                raise ConvertError(f"{src.path}: tensor {s!r} has unsupported dtype {str(src.dtypes[s]).replace('torch.', '')}")
         try:
             shape = ops.out_shape(op, [src.shapes[s] for s in srcs])
         except ops.OpError as e:
