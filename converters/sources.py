@@ -200,8 +200,10 @@ def _check_zip(path: str) -> bool:
                 raise ConvertError(f"{path}: zip file with {len(pkl_names)} data.pkl records; not a torch checkpoint")
             pkl_name = pkl_names[0]
             pkl = z.read(pkl_name)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ConvertError(f"{path}: damaged zip checkpoint ({e}); the file is truncated or corrupt") from None
+    except ConvertError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zipfile raises many kinds on damaged input
+        raise ConvertError(f"{path}: damaged zip checkpoint ({type(e).__name__}: {e}); the file is truncated or corrupt") from None
     size = os.path.getsize(path)
     for i in infos.values():
         if i.header_offset + 30 + len(i.filename) + i.compress_size > size:
