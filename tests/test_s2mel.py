@@ -74,12 +74,20 @@ def _convert(tmp_path, m, fmt="pth", config=None, name="out"):
     return out
 
 
-@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
-def test_forward_matches_upstream(tmp_path, fmt):
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One tiny model, its reference outputs, and its conversions from both source
+    formats (a training checkpoint with a `module.` prefix, and a flat dump)."""
+    tmp = tmp_path_factory.mktemp("s2mel")
     m = up.build()
     inp = _inputs()
-    ref = _forward(m, inp)
-    out = _convert(tmp_path, m, fmt)
+    return {"m": m, "inp": inp, "ref": _forward(m, inp), "tmp": tmp,
+            "pth": _convert(tmp, m, "pth", name="pth"), "safetensors": _convert(tmp, m, "safetensors", name="flat")}
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_forward_matches_upstream(tiny, fmt):
+    inp, ref, out = tiny["inp"], tiny["ref"], tiny[fmt]
     assert schema.check_file(str(out))[1] == []
     fresh, not_loaded = _load_back(back_to_upstream(out))
     dropped = set(json.loads(metadata(out)["dropped"]))
@@ -110,14 +118,11 @@ def test_variant_config_matches_upstream(tmp_path):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5)
 
 
-def test_oracle_is_sensitive(tmp_path):
+def test_oracle_is_sensitive(tiny):
     """The comparison can fail: swapping two canonical tensors of the same shape (the
     WaveNet filter and gate halves; then the attention q and k) changes the output."""
-    m = up.build()
-    inp = _inputs()
-    ref = _forward(m, inp)
-    out = _convert(tmp_path, m)
-    t, prov = load_canonical(out)
+    inp, ref = tiny["inp"], tiny["ref"]
+    t, prov = load_canonical(tiny["pth"])
     E = "cfm.estimator."
     for a, b in ((f"{E}wavenet.in_layers.1.filter.weight", f"{E}wavenet.in_layers.1.gate.weight"),
                  (f"{E}transformer.layers.2.attention.q.weight", f"{E}transformer.layers.2.attention.k.weight")):
@@ -127,10 +132,9 @@ def test_oracle_is_sensitive(tmp_path):
         assert not torch.allclose(_forward(fresh, inp)["estimator"], ref["estimator"], atol=1e-3), (a, b)
 
 
-def test_canonical_values(tmp_path):
+def test_canonical_values(tiny):
     """Splits and folds are the documented formulas, tensor by tensor."""
-    m = up.build()
-    out = _convert(tmp_path, m)
+    m, out = tiny["m"], tiny["pth"]
     t, prov = load_canonical(out)
     sd = {f"{k}.{n}": v for k, s in up.net(m).items() for n, v in s.items()}
     E, d, h = "cfm.estimator.", up.TINY["DiT"]["hidden_dim"], up.TINY["wavenet"]["hidden_dim"]
@@ -174,10 +178,10 @@ def test_canonical_values(tmp_path):
         f"{E}transformer.layers.3.skip_in_linear.weight", f"{E}transformer.layers.4.skip_in_linear.weight"]
 
 
-def test_training_checkpoint_reading(tmp_path):
+def test_training_checkpoint_reading(tiny):
     """Optimizer state and counters beside `net` are recorded, never converted; the
     `module.` prefix inside one sub-dict is stripped."""
-    out = _convert(tmp_path, up.build())
+    out = tiny["pth"]
     dropped = json.loads(metadata(out)["dropped"])
     for k in ("optimizer", "scheduler", "epoch", "iters"):
         assert "beside the 'net' wrapper" in dropped[k]
@@ -186,10 +190,8 @@ def test_training_checkpoint_reading(tmp_path):
     assert prov["length_regulator.content_in_proj.weight"]["from"] == ["length_regulator.content_in_proj.weight"]
 
 
-def test_pth_and_flat_dump_agree(tmp_path):
-    m = up.build()
-    a = load_file(_convert(tmp_path, m, "pth", name="a"))
-    b = load_file(_convert(tmp_path, m, "safetensors", name="b"))
+def test_pth_and_flat_dump_agree(tiny):
+    a, b = load_file(tiny["pth"]), load_file(tiny["safetensors"])
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -265,10 +267,10 @@ def test_fold_then_split_op_inverts():
         ops.parse("copy|split(dim=0,index=0,parts=2)")  # split elsewhere stays first-only
 
 
-def test_dtype_option_and_check(tmp_path):
-    out = _convert(tmp_path, up.build())
+def test_dtype_option_and_check(tiny, tmp_path):
+    out = tiny["pth"]
     half = tmp_path / "h.safetensors"
-    run_cli("s2mel", tmp_path / "rel_out", half, "--dtype", "float16", "--quiet")
+    run_cli("s2mel", tiny["tmp"] / "rel_pth", half, "--dtype", "float16", "--quiet")
     t, _ = load_canonical(half)
     assert {x.dtype for x in t.values()} == {torch.float16}
     assert schema.check_file(str(half))[1] == []
@@ -293,3 +295,25 @@ def test_demo_release_is_small_and_converts(tmp_path):
     out = tmp_path / "d.safetensors"
     run_cli("s2mel", rel, out, "--quiet")
     assert schema.check_file(str(out))[1] == []
+
+
+def _respell(flat: dict, how: str) -> None:
+    for n in [n for n in flat if n.endswith(".weight_g")]:
+        mod = n[: -len(".weight_g")]
+        g, v = flat.pop(f"{mod}.weight_g"), flat.pop(f"{mod}.weight_v")
+        if how == "parametrizations":  # torch.nn.utils.parametrizations.weight_norm
+            flat[f"{mod}.parametrizations.weight.original0"] = g
+            flat[f"{mod}.parametrizations.weight.original1"] = v
+        else:  # weight norm already removed before saving
+            flat[f"{mod}.weight"] = torch._weight_norm(v, g, 0).contiguous()
+
+
+@pytest.mark.parametrize("how", ["parametrizations", "prefolded"])
+def test_weight_norm_spellings(tiny, tmp_path, how):
+    rel = _flat_dump(tmp_path, tiny["m"], lambda f: _respell(f, how))
+    out = tmp_path / "o.safetensors"
+    run_cli("s2mel", rel, out, "--quiet")
+    a, b = load_file(tiny["pth"]), load_file(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
