@@ -21,7 +21,7 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	touch $@
 
 convert: $(VENV)/.runtime
-	$(PY) convert.py all --src $(SRC) --out $(OUT) --force
+	$(PY) convert.py all --src $(SRC) --out $(OUT)
 
 check: $(VENV)/.runtime
 	$(PY) convert.py check $(OUT)

@@ -14,15 +14,6 @@ from .errors import ConvertError
 
 DTYPE = click.Choice(list(engine.DTYPE_CHOICES))
 
-# Where `all` finds each model inside the release folder (unless a flag says otherwise).
-ALL_LAYOUT = {
-    "gpt": ("gpt.pth", "gpt.safetensors"),
-    "s2mel": ("s2mel.pth", "s2mel.safetensors"),
-    "w2v-bert": ("w2v-bert-2.0", "w2v_bert.safetensors"),
-    "bigvgan": ("bigvgan", "bigvgan.safetensors"),
-}
-
-
 def _fail(msg: str, code: int = 1):
     click.echo(f"error: {msg}", err=True)
     sys.exit(code)
@@ -100,37 +91,59 @@ for _kind in engine.MODELS:
     _model_command(_kind)
 
 
-@main.command("all")
-@click.option("--src", "src", required=True, type=click.Path(), help="The IndexTTS-2 release folder.")
-@click.option("--out", "out", required=True, type=click.Path(), help="Folder for the canonical files.")
-@click.option("--w2v-bert", "w2v_bert", type=click.Path(), default=None, help="w2v-bert-2.0 folder (default SRC/w2v-bert-2.0).")
-@click.option("--bigvgan", "bigvgan", type=click.Path(), default=None, help="BigVGAN folder (default SRC/bigvgan).")
-@convert_options
+def _all_command():
+    from .release import ITEMS, convert_all
+
+    def cmd(src, out, dtype, force, quiet, allow_nonfinite, **flags):
+        """Convert every model of a release folder into OUT, with OUT/manifest.json.
+
+        Sources not named by a flag are looked for in the release folder, then in the
+        Hugging Face cache.  Outputs whose sources and options are unchanged since the
+        last run are skipped."""
+        convert_all(src, out, flags, dtype, force, quiet, allow_nonfinite, echo=click.echo)
+
+    cmd = guarded(cmd)
+    cmd = convert_options(cmd)
+    for item in reversed([i for i in ITEMS if i.flag]):
+        where = f"SRC/{item.release}" + (f", else the Hugging Face cache ({item.hf[0]})" if item.hf else "")
+        cmd = click.option(f"--{item.flag.replace('_', '-')}", item.flag, type=click.Path(), default=None,
+                           help=f"{item.kind} source (default: {where}).")(cmd)
+    cmd = click.option("--out", "out", required=True, type=click.Path(), help="Folder for the canonical files.")(cmd)
+    cmd = click.option("--src", "src", required=True, type=click.Path(), help="The IndexTTS-2 release folder.")(cmd)
+    return main.command("all")(cmd)
+
+
+_all_command()
+
+
+@main.command("verify")
+@click.argument("src", type=click.Path())
+@click.argument("out_file", type=click.Path())
+@click.option("--stats", type=click.Path(), default=None, help="w2v-bert statistics file, if not found beside SRC.")
+@click.option("--failures-only", is_flag=True, help="Print only tensors that do not match.")
 @guarded
-def all_cmd(src, out, w2v_bert, bigvgan, dtype, force, quiet, allow_nonfinite):
-    """Convert every model of a release folder into OUT."""
-    if not os.path.isdir(src):
-        raise ConvertError(f"{src}: release folder not found")
-    for kind in ALL_LAYOUT:
-        engine.model_module(kind)  # a converter that does not exist yet fails before any work
-    override = {"w2v-bert": w2v_bert, "bigvgan": bigvgan}
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConvertError(f"{out}: exists and is not a folder")
-    os.makedirs(out, exist_ok=True)
-    for kind, (src_name, out_name) in ALL_LAYOUT.items():
-        s = override.get(kind) or os.path.join(src, src_name)
-        o = os.path.join(out, out_name)
-        extra = {name: os.path.join(src, file) for name, (_, file) in _extra_options(kind).items()}
-        p = engine.convert(kind, s, o, None, dtype, force, quiet, allow_nonfinite, extra)
-        if not quiet:
-            click.echo(f"wrote {o} ({kind}, {len(p.plan.entries)} tensors, {len(p.plan.dropped)} dropped)")
+def verify_cmd(src, out_file, stats, failures_only):
+    """Recompute every tensor of OUT_FILE from SRC through its provenance and compare."""
+    from .verify import verify
+
+    def show(r):
+        if not failures_only or not r.ok:
+            click.echo(f"{'ok ' if r.ok else 'MISMATCH'} {r.name} max_abs_diff={r.max_abs_diff:.3g} (tolerance {r.tolerance:.3g}) {r.note}")
+
+    rows = verify(src, out_file, {"stats": stats} if stats else {}, on_row=show)
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        raise ConvertError(f"{out_file}: {len(bad)} of {len(rows)} tensors do not match their recomputation from {src}")
+    click.echo(f"verified {out_file}: all {len(rows)} tensors match their recomputation from the source")
 
 
 @main.command("check")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--hash", "full_hash", is_flag=True, help="Also re-hash files against a folder's manifest.json.")
 @guarded
-def check_cmd(paths):
-    """Check canonical files (or folders of them) against canonical_schema.json."""
+def check_cmd(paths, full_hash):
+    """Check canonical files (or folders of them, with their manifest.json) against
+    canonical_schema.json.  Reads headers only, unless --hash."""
     files: list[str] = []
     for p in paths:
         if os.path.isdir(p):
@@ -143,6 +156,14 @@ def check_cmd(paths):
         else:
             raise ConvertError(f"{p}: no such file or folder")
     bad = 0
+    from .release import check_manifest
+
+    for p in paths:
+        if os.path.isdir(p):
+            errs = check_manifest(p, full_hash)
+            for e in errs:
+                click.echo(f"error: {e}", err=True)
+            bad += bool(errs)
     for f in files:
         kind, errs = schema.check_file(f)
         if errs:

@@ -75,7 +75,7 @@ class _Hasher(threading.Thread):
         return self.digest
 
 
-def locate(kind_mod, src: str, config: str | None) -> tuple[str, str]:
+def locate(kind_mod, src: str, config: str | None, need_config: bool = True) -> tuple[str, str]:
     """The source file and config for a per-model SRC that may be a file or a folder."""
     if os.path.isdir(src):
         for name in kind_mod.SOURCE_FILES:
@@ -90,7 +90,7 @@ def locate(kind_mod, src: str, config: str | None) -> tuple[str, str]:
     else:
         raise ConvertError(f"{src}: no such file or folder")
     cfg = config or os.path.join(os.path.dirname(os.path.abspath(src_file)), kind_mod.CONFIG_NAME)
-    if not os.path.isfile(cfg):
+    if need_config and not os.path.isfile(cfg):
         raise ConvertError(f"{cfg}: config not found (the {kind_mod.KIND} converter reads {kind_mod.CONFIG_NAME} beside the source; pass --config)")
     return src_file, cfg
 

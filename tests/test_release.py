@@ -1,0 +1,173 @@
+"""`convert.py all`: whole release, manifest, incremental runs, source discovery, verify."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.helpers import ROOT, assert_refused, metadata, run_cli
+
+DEMO = os.path.join(ROOT, "demo", "release")
+OUTS = ["bigvgan.safetensors", "gpt.safetensors", "s2mel.safetensors", "w2v_bert.safetensors"]
+
+
+@pytest.fixture
+def release(tmp_path):
+    d = tmp_path / "release"
+    shutil.copytree(DEMO, d)
+    return d
+
+
+def _sha(p):
+    return hashlib.sha256(open(p, "rb").read()).hexdigest()
+
+
+def _mtimes(out):
+    return {n: os.stat(out / n).st_mtime_ns for n in OUTS}
+
+
+def test_all_writes_manifest_and_checks(release, tmp_path):
+    out = tmp_path / "out"
+    p = run_cli("all", "--src", release, "--out", out, "--quiet")
+    assert "in the release folder" in p.stdout
+    assert sorted(os.listdir(out)) == sorted(OUTS + ["manifest.json"])
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["options"] == {"dtype": "keep", "allow_nonfinite": False}
+    for n in OUTS:
+        e = m["files"][n]
+        assert e["sha256"] == _sha(out / n) and e["size"] == os.path.getsize(out / n)
+        ck = e["sources"]["checkpoint"]
+        assert ck["sha256"] == _sha(ck["path"]) and ck["size"] == os.path.getsize(ck["path"])
+        assert e["sources"]["config"]["sha256"] == _sha(e["sources"]["config"]["path"])
+    assert set(m["files"]["w2v_bert.safetensors"]["sources"]) == {"checkpoint", "config", "stats/"}
+    run_cli("check", out, "--hash")
+
+
+def test_second_run_is_a_no_op_and_one_change_redoes_one(release, tmp_path):
+    out = tmp_path / "out"
+    run_cli("all", "--src", release, "--out", out, "--quiet")
+    before = _mtimes(out)
+    p = run_cli("all", "--src", release, "--out", out, "--quiet")
+    assert p.stdout.count("up to date") == 4 and _mtimes(out) == before
+    # Same bytes, new mtime: re-hashed, still up to date.
+    os.utime(release / "gpt.pth", ns=(1, 1))
+    p = run_cli("all", "--src", release, "--out", out, "--quiet")
+    assert p.stdout.count("up to date") == 4 and _mtimes(out) == before
+    # A changed source: only its output is redone.
+    sd = torch.load(release / "s2mel.pth", weights_only=True)
+    k = next(k for k, v in sd["net"]["cfm"].items() if v.is_floating_point())
+    sd["net"]["cfm"][k] = sd["net"]["cfm"][k] + 1
+    torch.save(sd, release / "s2mel.pth")
+    p = run_cli("all", "--src", release, "--out", out, "--quiet")
+    after = _mtimes(out)
+    assert [n for n in OUTS if after[n] != before[n]] == ["s2mel.safetensors"]
+    assert p.stdout.count("up to date") == 3
+    run_cli("check", out, "--hash")
+
+
+def test_changed_options_redo_everything(release, tmp_path):
+    out = tmp_path / "out"
+    run_cli("all", "--src", release, "--out", out, "--quiet")
+    before = _mtimes(out)
+    p = run_cli("all", "--src", release, "--out", out, "--dtype", "float32", "--quiet")
+    assert "up to date" not in p.stdout
+    assert all(v != before[k] for k, v in _mtimes(out).items())
+
+
+def test_foreign_file_needs_force(release, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gpt.safetensors").write_bytes(b"someone else's file")
+    assert_refused(run_cli("all", "--src", release, "--out", out, expect=None), "already exists", "--force")
+    assert (out / "gpt.safetensors").read_bytes() == b"someone else's file"
+    run_cli("all", "--src", release, "--out", out, "--force", "--quiet")
+
+
+def _fake_hf_cache(tmp_path, release, repo, folder, rev="0123abcd"):
+    base = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
+    snap = base / "snapshots" / rev
+    shutil.move(str(release / folder), str(snap))
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(rev)
+    return snap
+
+
+def test_hugging_face_cache_discovery(release, tmp_path, monkeypatch):
+    snap = _fake_hf_cache(tmp_path, release, "facebook/w2v-bert-2.0", "w2v-bert-2.0")
+    _fake_hf_cache(tmp_path, release, "nvidia/bigvgan_v2_22khz_80band_256x", "bigvgan", rev="feed")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = tmp_path / "out"
+    p = run_cli("all", "--src", release, "--out", out, "--quiet")
+    assert f"w2v-bert: {snap} (in the Hugging Face cache (facebook/w2v-bert-2.0))" in p.stdout
+    assert "bigvgan" in p.stdout and "nvidia/bigvgan_v2_22khz_80band_256x" in p.stdout
+    run_cli("check", out)
+
+
+def test_hf_home_fallback_and_missing_source(release, tmp_path, monkeypatch):
+    shutil.rmtree(release / "bigvgan")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
+    p = run_cli("all", "--src", release, "--out", tmp_path / "out", expect=None)
+    assert_refused(p, "no bigvgan source found", str(release / "bigvgan"),
+                   str(tmp_path / "hfhome" / "hub" / "models--nvidia--bigvgan_v2_22khz_80band_256x"), "--bigvgan")
+    assert not (tmp_path / "out" / "gpt.safetensors").exists()  # refused before any work
+
+
+def test_explicit_flag_wins(release, tmp_path):
+    other = tmp_path / "elsewhere"
+    shutil.move(str(release / "bigvgan"), str(other))
+    p = run_cli("all", "--src", release, "--out", tmp_path / "out", "--bigvgan", other, "--quiet")
+    assert f"bigvgan: {other} (given on the command line)" in p.stdout
+
+
+def test_check_validates_manifest(release, tmp_path):
+    out = tmp_path / "out"
+    run_cli("all", "--src", release, "--out", out, "--quiet")
+    shutil.copy(out / "bigvgan.safetensors", out / "stray.safetensors")
+    assert_refused(run_cli("check", out, expect=None), "stray.safetensors is in the folder but not in the manifest")
+    os.unlink(out / "stray.safetensors")
+    os.unlink(out / "gpt.safetensors")
+    assert_refused(run_cli("check", out, expect=None), "lists gpt.safetensors, which is missing")
+
+
+def test_check_hash_detects_changed_bytes(release, tmp_path):
+    out = tmp_path / "out"
+    run_cli("all", "--src", release, "--out", out, "--quiet")
+    data = bytearray((out / "bigvgan.safetensors").read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor: headers still pass
+    (out / "bigvgan.safetensors").write_bytes(bytes(data))
+    run_cli("check", out)
+    assert_refused(run_cli("check", out, "--hash", expect=None), "does not match its sha256")
+
+
+def test_verify_passes_and_catches_a_changed_value(release, tmp_path):
+    out = tmp_path / "out"
+    run_cli("all", "--src", release, "--out", out, "--quiet")
+    p = run_cli("verify", release / "gpt.pth", out / "gpt.safetensors")
+    assert "verified" in p.stdout and "max_abs_diff=0" in p.stdout
+    run_cli("verify", release / "w2v-bert-2.0", out / "w2v_bert.safetensors",
+            "--stats", release / "wav2vec2bert_stats.pt", "--failures-only")
+    t = load_file(out / "bigvgan.safetensors")
+    t["ups.0.weight"][0, 0, 0] += 1e-3
+    bad = tmp_path / "bad.safetensors"
+    save_file(t, bad, metadata=metadata(out / "bigvgan.safetensors"))
+    p = run_cli("verify", release / "bigvgan", bad, "--failures-only", expect=None)
+    assert p.returncode == 1 and "MISMATCH ups.0.weight" in p.stdout and "ok " not in p.stdout
+    assert_refused(p, "1 of")
+
+
+def test_make_convert_default_runs_on_the_demo(tmp_path):
+    """The README's first command: the demo release converts and checks from a clean folder."""
+    import subprocess
+
+    out = tmp_path / "canonical"
+    py = os.path.join(ROOT, ".venv", "bin", "python")
+    subprocess.run(["make", "-s", "convert", f"OUT={out}", f"PYTHON={py}"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(["make", "-s", "check", f"OUT={out}"], cwd=ROOT, check=True, capture_output=True)
+    assert sorted(os.listdir(out)) == sorted(OUTS + ["manifest.json"])
