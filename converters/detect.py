@@ -12,6 +12,9 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "s2mel": ("cfm.estimator.", "length_regulator."),
     "w2v-bert": ("feature_projection.", "encoder.layers.0."),
     "bigvgan": ("conv_pre.", "ups.0.", "resblocks.0."),
+    "semantic-codec": ("encoder.0.convnext.0.", "quantizer.quantizers.0.codebook."),
+    "campplus": ("head.layer1.0.", "xvector.block1.tdnnd1."),
+    # speaker-matrix / emotion-matrix: a bare tensor each (feat1.pt, feat2.pt); no name tells them apart
 }
 
 

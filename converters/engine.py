@@ -30,6 +30,10 @@ MODELS: dict[str, str] = {
     "s2mel": "converters.s2mel",
     "w2v-bert": "converters.w2v_bert",
     "bigvgan": "converters.bigvgan",
+    "speaker-matrix": "converters.speaker_matrix",
+    "emotion-matrix": "converters.emotion_matrix",
+    "semantic-codec": "converters.semantic_codec",
+    "campplus": "converters.campplus",
 }
 DTYPE_CHOICES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -90,6 +94,8 @@ def locate(kind_mod, src: str, config: str | None, need_config: bool = True) -> 
     else:
         raise ConvertError(f"{src}: no such file or folder")
     cfg = config or os.path.join(os.path.dirname(os.path.abspath(src_file)), kind_mod.CONFIG_NAME)
+    if not config and not os.path.isfile(cfg) and getattr(kind_mod, "CONFIG_OPTIONAL", False):
+        return src_file, None  # no config file: the module's load_config(None) gives upstream's fixed values
     if need_config and not os.path.isfile(cfg):
         raise ConvertError(f"{cfg}: config not found (the {kind_mod.KIND} converter reads {kind_mod.CONFIG_NAME} beside the source; pass --config)")
     return src_file, cfg

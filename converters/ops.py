@@ -14,8 +14,19 @@ file's ``provenance``, so a reader (or ``verify``) can recompute or invert it.
 | sqrt | 1 | sqrt(x) | y**2 |
 | split(dim,index,parts) | 1 | the index-th of ``parts`` equal chunks along dim | concatenate all chunks |
 | fold_weight_norm(dim) | 2: g, v | g * v / ||v|| (norm over every dim but ``dim``) | the folded weight itself |
+| fold_bn_weight(eps) | 3: conv w, bn weight, running_var | w * (weight / sqrt(var + eps)) per output channel (dim 0) | w, with an identity batch norm |
+| fold_bn_bias(eps) | 4: bn weight, bias, running_mean, running_var | bias - mean * weight / sqrt(var + eps) | the bias, as the batch norm's beta |
+| fold_bn_weight_noaffine(eps) | 2: conv w, running_var | w / sqrt(var + eps) (``affine=False`` batch norm) | w, with an identity batch norm |
+| fold_bn_bias_noaffine(eps) | 2: running_mean, running_var | -mean / sqrt(var + eps) | the bias, as ``-running_mean`` |
 
-Only ``split`` and ``fold_weight_norm`` are many-to-one in reverse, and they may only
+The ``fold_bn_*`` steps fold an eval-mode batch norm into the bias-free convolution
+before it (``bn(conv(x)) = conv'(x) + b'``, exact).  Their inverse is not the original
+tensors (those are not recoverable) but an equivalent upstream state: the folded conv
+weight, and a batch norm with weight 1, running_mean 0 and running_var ``1 - eps``
+whose beta (or, without affine, ``-running_mean``) carries the folded bias.  ``eps`` is
+the only float argument.
+
+Only ``split``, ``fold_weight_norm`` and ``fold_bn_*`` are many-to-one in reverse, and they may only
 appear as the first step of a chain, with one exception: ``split`` may directly follow
 ``fold_weight_norm`` (a fused weight-normed projection, folded as a whole, then split
 into its parts: ``fold_weight_norm(dim=0)|split(dim=0,index=1,parts=2)``).
@@ -40,9 +51,9 @@ class OpError(ValueError):
 @dataclass(frozen=True)
 class Step:
     name: str
-    args: tuple[tuple[str, int], ...] = ()
+    args: tuple[tuple[str, int | float], ...] = ()
 
-    def arg(self, key: str) -> int:
+    def arg(self, key: str) -> int | float:
         for k, v in self.args:
             if k == key:
                 return v
@@ -64,8 +75,14 @@ STEPS: dict[str, tuple[int, tuple[str, ...]]] = {
     "sqrt": (1, ()),
     "split": (1, ("dim", "index", "parts")),
     "fold_weight_norm": (2, ("dim",)),
+    "fold_bn_weight": (3, ("eps",)),
+    "fold_bn_bias": (4, ("eps",)),
+    "fold_bn_weight_noaffine": (2, ("eps",)),
+    "fold_bn_bias_noaffine": (2, ("eps",)),
 }
-FIRST_ONLY = {"split", "fold_weight_norm"}
+BN_FOLDS = {"fold_bn_weight", "fold_bn_bias", "fold_bn_weight_noaffine", "fold_bn_bias_noaffine"}
+FIRST_ONLY = {"split", "fold_weight_norm"} | BN_FOLDS
+FLOAT_ARGS = {"eps"}
 
 
 def parse(op: str) -> list[Step]:
@@ -75,12 +92,12 @@ def parse(op: str) -> list[Step]:
         if not m or m.group(1) not in STEPS:
             raise OpError(f"unknown op step {part.strip()!r} in {op!r}")
         name = m.group(1)
-        args: list[tuple[str, int]] = []
+        args: list[tuple[str, int | float]] = []
         if m.group(2):
             for kv in m.group(2).split(","):
                 k, _, v = kv.partition("=")
                 try:
-                    args.append((k.strip(), int(v)))
+                    args.append((k.strip(), float(v) if k.strip() in FLOAT_ARGS else int(v)))
                 except ValueError:
                     raise OpError(f"bad argument {kv!r} in {op!r}") from None
         step = Step(name, tuple(args))
@@ -130,6 +147,15 @@ def _shape_step(step: Step, shapes: list[Shape]) -> Shape:
         if len(g) != len(v) or tuple(g) != want:
             raise OpError(f"weight-norm g has shape {list(g)}, expected {list(want)} for v of shape {list(v)} with dim={d}")
         return v
+    if step.name in BN_FOLDS:
+        conv = step.name.startswith("fold_bn_weight")
+        stats = shapes[1:] if conv else shapes
+        c = stats[0]
+        if len(c) != 1 or any(tuple(x) != c for x in stats):
+            raise OpError(f"{step}: batch-norm tensors must be 1-D and alike, got {[list(x) for x in stats]}")
+        if conv and (len(s) < 2 or s[0] != c[0]):
+            raise OpError(f"{step}: conv weight {list(s)} does not have {c[0]} output channels")
+        return s if conv else c
     raise AssertionError(step.name)
 
 
@@ -169,6 +195,19 @@ def _apply_step(step: Step, xs: list[torch.Tensor]) -> torch.Tensor:
         # torch's own kernel, so the result is bit-identical to what upstream's
         # remove_weight_norm() computes: v * (g / ||v||), norm over all dims but `dim`.
         return torch._weight_norm(v, g, step.arg("dim"))
+    if step.name in BN_FOLDS:
+        wd = _work_dtype(xs[0])
+        xs = [t.to(wd) for t in xs]
+        inv = torch.rsqrt(xs[-1] + step.arg("eps"))  # 1 / sqrt(running_var + eps)
+        if step.name == "fold_bn_weight":
+            w, gamma, _ = xs
+            return w * (gamma * inv).reshape(-1, *[1] * (w.dim() - 1))
+        if step.name == "fold_bn_weight_noaffine":
+            return xs[0] * inv.reshape(-1, *[1] * (xs[0].dim() - 1))
+        if step.name == "fold_bn_bias":
+            gamma, beta, mean, _ = xs
+            return beta - mean * gamma * inv
+        return -xs[0] * inv  # fold_bn_bias_noaffine
     raise AssertionError(step.name)
 
 
@@ -208,6 +247,20 @@ def folded_name(v_name: str) -> str:
     raise OpError(f"{v_name!r} is not a weight-norm 'v' tensor name")
 
 
+def _invert_bn_fold(step: Step, srcs: list[str], y: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+    """An equivalent upstream state for a folded batch norm (see the module docstring)."""
+    c = y.shape[0]
+    identity_var = torch.full((c,), 1.0 - step.arg("eps"), dtype=y.dtype)
+    if step.name == "fold_bn_weight":
+        out[srcs[0]], out[srcs[1]], out[srcs[2]] = y, torch.ones(c, dtype=y.dtype), identity_var
+    elif step.name == "fold_bn_weight_noaffine":
+        out[srcs[0]], out[srcs[1]] = y, identity_var
+    elif step.name == "fold_bn_bias":
+        out[srcs[0]], out[srcs[1]], out[srcs[2]], out[srcs[3]] = torch.ones(c, dtype=y.dtype), y, torch.zeros(c, dtype=y.dtype), identity_var
+    else:  # fold_bn_bias_noaffine: (x - mean) / sqrt(var + eps) with var + eps = 1
+        out[srcs[0]], out[srcs[1]] = -y, identity_var
+
+
 def invert(provenance: dict[str, dict], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map canonical tensors back to upstream names.
 
@@ -234,6 +287,8 @@ def invert(provenance: dict[str, dict], tensors: dict[str, torch.Tensor]) -> dic
             g["got"][first.arg("index")] = y
         elif first.name == "fold_weight_norm":
             out[folded_name(srcs[1])] = y
+        elif first.name in BN_FOLDS:
+            _invert_bn_fold(first, srcs, y, out)
         else:
             out[srcs[0]] = _invert_simple(first, y)
     for src, g in chunks.items():

@@ -10,6 +10,9 @@ Known wrapper dicts (``generator``, ``model``, ``state_dict``, ``net``) are unwr
 nested dicts of state dicts (``net = {"cfm": sd, ...}``) are flattened with ``.``, and
 DDP ``module.`` prefixes are stripped.  Whatever sits beside a wrapper (optimizer state,
 counters) is recorded in ``dropped`` with the reason and never read.
+
+A file holding one bare tensor (``torch.save(tensor)``, as IndexTTS-2's ``feat1.pt`` and
+``feat2.pt``) becomes a one-entry view named :data:`BARE_TENSOR_NAME`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from . import safetensors_io as stio
 from .errors import ConvertError
 
 WRAPPERS = ("generator", "model", "state_dict", "net")
+BARE_TENSOR_NAME = "tensor"  # the name of the single tensor in a bare torch.save(tensor) file
 CANONICAL_SCHEMA_NAME = "indextts2-canonical"
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -275,6 +279,9 @@ def _is_tensor_dict(d: dict) -> bool:
 def unwrap(obj, src: Source) -> dict[str, torch.Tensor]:
     """Peel known wrapper dicts and flatten to ``name -> tensor``."""
     path = src.path
+    if isinstance(obj, torch.Tensor):
+        src.notes.append(f"a bare tensor, read as {BARE_TENSOR_NAME!r}")
+        return {BARE_TENSOR_NAME: obj}
     if not isinstance(obj, dict):
         raise ConvertError(f"{path}: checkpoint holds a {type(obj).__name__}, expected a dict of tensors")
     trail: list[str] = []
