@@ -184,3 +184,12 @@ def test_bn_fold_op_grammar():
         ops.parse("split(dim=0.5,index=0,parts=2)")  # other args stay ints
     with pytest.raises(ops.OpError):
         ops.out_shape("fold_bn_weight(eps=1e-05)", [(4, 5, 3), (3,), (3,)])  # channel mismatch
+
+
+def test_demo_release_converts(tmp_path):
+    """The demo builder's file (tiny, float16, campplus.json beside it) converts and checks."""
+    up.write_demo(str(tmp_path), {"s2mel": {"style_encoder": {"dim": 6}}})
+    out = tmp_path / "campplus.safetensors"
+    run_cli("campplus", tmp_path / "campplus", out, "--quiet")
+    assert metadata(out)["dtype"] == "F16" and json.loads(metadata(out)["config"])["embedding_size"] == 6
+    assert schema.check_file(str(out))[1] == []
