@@ -41,6 +41,11 @@ ITEMS: list[Item] = [
     Item("w2v-bert", "w2v_bert.safetensors", "w2v-bert-2.0", hf=("facebook/w2v-bert-2.0", ""), flag="w2v_bert",
          extra={"stats": "wav2vec2bert_stats.pt"}),
     Item("bigvgan", "bigvgan.safetensors", "bigvgan", hf=("nvidia/bigvgan_v2_22khz_80band_256x", ""), flag="bigvgan"),
+    Item("speaker-matrix", "speaker_matrix.safetensors", "feat1.pt"),
+    Item("emotion-matrix", "emotion_matrix.safetensors", "feat2.pt"),
+    Item("semantic-codec", "semantic_codec.safetensors", "MaskGCT/semantic_codec", hf=("amphion/MaskGCT", "semantic_codec"),
+         flag="semantic_codec", release_config="config.yaml"),
+    Item("campplus", "campplus.safetensors", "campplus", hf=("funasr/campplus", ""), flag="campplus"),
 ]
 
 
@@ -150,7 +155,9 @@ def _inputs(item: Item, src: str, release_dir: str, config: str | None) -> tuple
     mod = engine.model_module(item.kind)
     extra = {opt: os.path.join(release_dir, f) for opt, f in item.extra.items()}
     src_file, cfg_file = engine.locate(mod, src, config)
-    files = {"checkpoint": src_file, "config": cfg_file}
+    files = {"checkpoint": src_file}
+    if cfg_file is not None:  # CAMPPlus has no upstream config file
+        files["config"] = cfg_file
     for prefix, f in (mod.extra_sources(src_file, extra) if hasattr(mod, "extra_sources") else {}).items():
         files[prefix] = f
     return files, extra

@@ -3,9 +3,10 @@
 
     python scripts/make_demo.py demo/release      (or: make demo)
 
-The folder gets the layout of an IndexTTS-2 release plus the two Hugging Face models
-that `convert.py all` looks for inside it: config.yaml, gpt.pth, s2mel.pth,
-wav2vec2bert_stats.pt, w2v-bert-2.0/, bigvgan/.  Weights are random; the point is a
+The folder gets the layout of an IndexTTS-2 release (config.yaml, gpt.pth, s2mel.pth,
+wav2vec2bert_stats.pt, feat1.pt, feat2.pt) plus the Hugging Face models that
+`convert.py all` also looks for inside it: w2v-bert-2.0/, bigvgan/,
+MaskGCT/semantic_codec/, campplus/.  Weights are random; the point is a
 real-layout input that converts end to end in seconds on a fresh clone.
 """
 
@@ -18,7 +19,7 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-BUILDERS = ("gpt", "s2mel", "w2v_bert", "bigvgan")  # tests/upstream/<name>.py
+BUILDERS = ("gpt", "s2mel", "w2v_bert", "bigvgan", "speaker_matrix", "emotion_matrix", "semantic_codec", "campplus")  # tests/upstream/<name>.py
 
 
 def main(release_dir: str) -> None:

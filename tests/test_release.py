@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from tests.helpers import ROOT, assert_refused, metadata, run_cli
 
 DEMO = os.path.join(ROOT, "demo", "release")
-OUTS = ["bigvgan.safetensors", "gpt.safetensors", "s2mel.safetensors", "w2v_bert.safetensors"]
+OUTS = ["bigvgan.safetensors", "campplus.safetensors", "emotion_matrix.safetensors", "gpt.safetensors",
+        "s2mel.safetensors", "semantic_codec.safetensors", "speaker_matrix.safetensors", "w2v_bert.safetensors"]
 
 
 @pytest.fixture
@@ -44,7 +45,8 @@ def test_all_writes_manifest_and_checks(release, tmp_path):
         assert e["sha256"] == _sha(out / n) and e["size"] == os.path.getsize(out / n)
         ck = e["sources"]["checkpoint"]
         assert ck["sha256"] == _sha(ck["path"]) and ck["size"] == os.path.getsize(ck["path"])
-        assert e["sources"]["config"]["sha256"] == _sha(e["sources"]["config"]["path"])
+        if n != "campplus.safetensors":  # CAMPPlus has no upstream config file
+            assert e["sources"]["config"]["sha256"] == _sha(e["sources"]["config"]["path"])
     assert set(m["files"]["w2v_bert.safetensors"]["sources"]) == {"checkpoint", "config", "stats/"}
     run_cli("check", out, "--hash")
 
@@ -54,11 +56,11 @@ def test_second_run_is_a_no_op_and_one_change_redoes_one(release, tmp_path):
     run_cli("all", "--src", release, "--out", out, "--quiet")
     before = _mtimes(out)
     p = run_cli("all", "--src", release, "--out", out, "--quiet")
-    assert p.stdout.count("up to date") == 4 and _mtimes(out) == before
+    assert p.stdout.count("up to date") == len(OUTS) and _mtimes(out) == before
     # Same bytes, new mtime: re-hashed, still up to date.
     os.utime(release / "gpt.pth", ns=(1, 1))
     p = run_cli("all", "--src", release, "--out", out, "--quiet")
-    assert p.stdout.count("up to date") == 4 and _mtimes(out) == before
+    assert p.stdout.count("up to date") == len(OUTS) and _mtimes(out) == before
     # A changed source: only its output is redone.
     sd = torch.load(release / "s2mel.pth", weights_only=True)
     k = next(k for k, v in sd["net"]["cfm"].items() if v.is_floating_point())
@@ -67,7 +69,7 @@ def test_second_run_is_a_no_op_and_one_change_redoes_one(release, tmp_path):
     p = run_cli("all", "--src", release, "--out", out, "--quiet")
     after = _mtimes(out)
     assert [n for n in OUTS if after[n] != before[n]] == ["s2mel.safetensors"]
-    assert p.stdout.count("up to date") == 3
+    assert p.stdout.count("up to date") == len(OUTS) - 1
     run_cli("check", out, "--hash")
 
 
@@ -101,11 +103,14 @@ def _fake_hf_cache(tmp_path, release, repo, folder, rev="0123abcd"):
 def test_hugging_face_cache_discovery(release, tmp_path, monkeypatch):
     snap = _fake_hf_cache(tmp_path, release, "facebook/w2v-bert-2.0", "w2v-bert-2.0")
     _fake_hf_cache(tmp_path, release, "nvidia/bigvgan_v2_22khz_80band_256x", "bigvgan", rev="feed")
+    _fake_hf_cache(tmp_path, release, "amphion/MaskGCT", "MaskGCT", rev="beef")
+    _fake_hf_cache(tmp_path, release, "funasr/campplus", "campplus", rev="cafe")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     out = tmp_path / "out"
     p = run_cli("all", "--src", release, "--out", out, "--quiet")
     assert f"w2v-bert: {snap} (in the Hugging Face cache (facebook/w2v-bert-2.0))" in p.stdout
-    assert "bigvgan" in p.stdout and "nvidia/bigvgan_v2_22khz_80band_256x" in p.stdout
+    for repo in ("nvidia/bigvgan_v2_22khz_80band_256x", "amphion/MaskGCT", "funasr/campplus"):
+        assert f"(in the Hugging Face cache ({repo}))" in p.stdout
     run_cli("check", out)
 
 
