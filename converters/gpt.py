@@ -35,7 +35,7 @@ import torch
 
 from .configs import load_yaml_section, require
 from .errors import ConvertError
-from .table import Drop, Row, row
+from .table import WB, Drop, Row, keep, row
 
 KIND = "gpt"
 OUT_NAME = "gpt.safetensors"
@@ -203,44 +203,29 @@ def _conformer_rows(stack: str, blk: str) -> list[Row]:
         row(f"{stack}.embed.out.bias", "copy", f"{stack}.embed.out.0.bias"),
         Row(f"{stack}.embed.pos_enc.pe", "squeeze(dim=0)", (f"{stack}.embed.pos_enc.pe",), regenerate=regen,
             regenerate_op="sinusoid_table(pos_enc_max_len, output_size): pe[p,2i]=sin(p*w_i), pe[p,2i+1]=cos(p*w_i), w_i=exp(-2i*ln(10000)/d)"),
-        row(f"{stack}.after_norm.weight", "copy", f"{stack}.after_norm.weight"),
-        row(f"{stack}.after_norm.bias", "copy", f"{stack}.after_norm.bias"),
-    ]
-    for n in ("q", "k", "v", "out"):
-        rows += [row(f"{e}.self_attn.linear_{n}.weight", "copy", f"{e}.self_attn.linear_{n}.weight"),
-                 row(f"{e}.self_attn.linear_{n}.bias", "copy", f"{e}.self_attn.linear_{n}.bias")]
-    rows += [
-        row(f"{e}.self_attn.linear_pos.weight", "copy", f"{e}.self_attn.linear_pos.weight"),
-        row(f"{e}.self_attn.pos_bias_u", "copy", f"{e}.self_attn.pos_bias_u"),
-        row(f"{e}.self_attn.pos_bias_v", "copy", f"{e}.self_attn.pos_bias_v"),
-        row(f"{e}.feed_forward.w_1.weight", "copy", f"{e}.feed_forward.w_1.weight"),
-        row(f"{e}.feed_forward.w_1.bias", "copy", f"{e}.feed_forward.w_1.bias"),
-        row(f"{e}.feed_forward.w_2.weight", "copy", f"{e}.feed_forward.w_2.weight"),
-        row(f"{e}.feed_forward.w_2.bias", "copy", f"{e}.feed_forward.w_2.bias"),
+        *keep(f"{stack}.after_norm", params=WB),
+        *keep(*(f"{e}.self_attn.linear_{n}" for n in ("q", "k", "v", "out")), params=WB),
+        *keep(f"{e}.self_attn.linear_pos.weight", f"{e}.self_attn.pos_bias_u", f"{e}.self_attn.pos_bias_v"),
+        *keep(f"{e}.feed_forward.w_1", f"{e}.feed_forward.w_2", params=WB),
     ]
     pw1 = f"{e}.conv_module.pointwise_conv1"
     for i, part in enumerate(("value", "gate")):  # F.glu(x, dim=1): first half * sigmoid(second half)
         rows += [row(f"{pw1}.{part}.weight", f"split(dim=0,index={i},parts=2)|squeeze(dim=2)", f"{pw1}.weight"),
                  row(f"{pw1}.{part}.bias", f"split(dim=0,index={i},parts=2)", f"{pw1}.bias")]
     rows += [
-        row(f"{e}.conv_module.depthwise_conv.weight", "copy", f"{e}.conv_module.depthwise_conv.weight"),
-        row(f"{e}.conv_module.depthwise_conv.bias", "copy", f"{e}.conv_module.depthwise_conv.bias"),
-        row(f"{e}.conv_module.norm.weight", "copy", f"{e}.conv_module.norm.weight"),
-        row(f"{e}.conv_module.norm.bias", "copy", f"{e}.conv_module.norm.bias"),
+        *keep(f"{e}.conv_module.depthwise_conv", f"{e}.conv_module.norm", params=WB),
         row(f"{e}.conv_module.pointwise_conv2.weight", "squeeze(dim=2)", f"{e}.conv_module.pointwise_conv2.weight"),
-        row(f"{e}.conv_module.pointwise_conv2.bias", "copy", f"{e}.conv_module.pointwise_conv2.bias"),
+        *keep(f"{e}.conv_module.pointwise_conv2.bias"),
+        *keep(*(f"{e}.{n}" for n in ("norm_ff", "norm_mha", "norm_conv", "norm_final")), params=WB),
     ]
-    for n in ("norm_ff", "norm_mha", "norm_conv", "norm_final"):
-        rows += [row(f"{e}.{n}.weight", "copy", f"{e}.{n}.weight"), row(f"{e}.{n}.bias", "copy", f"{e}.{n}.bias")]
     return rows
 
 
 def _perceiver_rows(stack: str, lay: str, proj_context: bool) -> list[Row]:
     c = s = f"{stack}.layers.{{{lay}}}"  # canonical / upstream prefix (same path; children renamed)
-    rows = [row(f"{stack}.latents", "copy", f"{stack}.latents")]
+    rows = keep(f"{stack}.latents")
     if proj_context:
-        rows += [row(f"{stack}.proj_context.weight", "copy", f"{stack}.proj_context.weight"),
-                 row(f"{stack}.proj_context.bias", "copy", f"{stack}.proj_context.bias")]
+        rows += keep(f"{stack}.proj_context", params=WB)
     rows += [
         row(f"{c}.attn.to_q.weight", "copy", f"{s}.0.to_q.weight"),
         # q, k, v = to_q(x), *to_kv(context).chunk(2, dim=-1)
@@ -254,7 +239,7 @@ def _perceiver_rows(stack: str, lay: str, proj_context: bool) -> list[Row]:
     rows += [
         row(f"{c}.ff.out.weight", "copy", f"{s}.1.2.weight"),
         row(f"{c}.ff.out.bias", "copy", f"{s}.1.2.bias"),
-        row(f"{stack}.norm.gamma", "copy", f"{stack}.norm.gamma"),
+        *keep(f"{stack}.norm.gamma"),
     ]
     return rows
 
@@ -262,17 +247,10 @@ def _perceiver_rows(stack: str, lay: str, proj_context: bool) -> list[Row]:
 def table(cfg: dict):
     h = "gpt.h.{i}"
     rows = [
-        row("text_embedding.weight", "copy", "text_embedding.weight"),
-        row("mel_embedding.weight", "copy", "mel_embedding.weight"),
+        *keep("text_embedding.weight", "mel_embedding.weight", "speed_emb.weight"),
         row("text_pos_embedding.weight", "copy", "text_pos_embedding.emb.weight"),
         row("mel_pos_embedding.weight", "copy", "mel_pos_embedding.emb.weight"),
-        row("speed_emb.weight", "copy", "speed_emb.weight"),
-        row("emovec_layer.weight", "copy", "emovec_layer.weight"),
-        row("emovec_layer.bias", "copy", "emovec_layer.bias"),
-        row("emo_layer.weight", "copy", "emo_layer.weight"),
-        row("emo_layer.bias", "copy", "emo_layer.bias"),
-        row(f"{h}.ln_1.weight", "copy", f"{h}.ln_1.weight"),
-        row(f"{h}.ln_1.bias", "copy", f"{h}.ln_1.bias"),
+        *keep("emovec_layer", "emo_layer", f"{h}.ln_1", params=WB),
     ]
     # GPT2Attention: query, key, value = c_attn(x).split(n_embd, dim=2); Conv1D weight is [in, out].
     for i, n in enumerate("qkv"):
@@ -281,20 +259,11 @@ def table(cfg: dict):
     rows += [
         row(f"{h}.attn.out.weight", "transpose", f"{h}.attn.c_proj.weight"),
         row(f"{h}.attn.out.bias", "copy", f"{h}.attn.c_proj.bias"),
-        row(f"{h}.ln_2.weight", "copy", f"{h}.ln_2.weight"),
-        row(f"{h}.ln_2.bias", "copy", f"{h}.ln_2.bias"),
         row(f"{h}.mlp.fc.weight", "transpose", f"{h}.mlp.c_fc.weight"),
         row(f"{h}.mlp.fc.bias", "copy", f"{h}.mlp.c_fc.bias"),
         row(f"{h}.mlp.proj.weight", "transpose", f"{h}.mlp.c_proj.weight"),
         row(f"{h}.mlp.proj.bias", "copy", f"{h}.mlp.c_proj.bias"),
-        row("gpt.ln_f.weight", "copy", "gpt.ln_f.weight"),
-        row("gpt.ln_f.bias", "copy", "gpt.ln_f.bias"),
-        row("final_norm.weight", "copy", "final_norm.weight"),
-        row("final_norm.bias", "copy", "final_norm.bias"),
-        row("text_head.weight", "copy", "text_head.weight"),
-        row("text_head.bias", "copy", "text_head.bias"),
-        row("mel_head.weight", "copy", "mel_head.weight"),
-        row("mel_head.bias", "copy", "mel_head.bias"),
+        *keep(f"{h}.ln_2", "gpt.ln_f", "final_norm", "text_head", "mel_head", params=WB),
         *_conformer_rows("conditioning_encoder", "cb"),
         *_conformer_rows("emo_conditioning_encoder", "eb"),
         *_perceiver_rows("perceiver_encoder", "pl", cfg["perceiver_encoder"]["has_proj_context"]),

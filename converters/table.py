@@ -42,6 +42,17 @@ def row(canonical: str, op: str, *sources: str) -> Row:
     return Row(canonical, op, tuple(sources))
 
 
+def keep(*names: str, params: tuple[str, ...] = ()) -> list[Row]:
+    """Rows that carry tensors over unchanged, under their upstream names.  With
+    ``params``, each name is a module and its ``<name>.<param>`` tensors are kept:
+    ``keep("ln_1", "ln_2", params=("weight", "bias"))``."""
+    full = [f"{n}.{p}" for n in names for p in params] if params else list(names)
+    return [Row(n, "copy", (n,)) for n in full]
+
+
+WB = ("weight", "bias")
+
+
 def wn(canonical: str, module: str, dim: int, then: str = "") -> Row:
     """A weight-normed weight, folded.  ``module`` is the upstream module path; the
     source may spell the pair ``weight_g``/``weight_v`` or

@@ -47,7 +47,7 @@ import os
 
 from .configs import load_json, require
 from .errors import ConvertError
-from .table import Drop, row
+from .table import WB, Drop, keep, row
 
 KIND = "w2v-bert"
 OUT_NAME = "w2v_bert.safetensors"
@@ -161,32 +161,24 @@ def extra_sources(src_file: str, extra: dict[str, str]) -> dict[str, str]:
 
 def table(cfg: dict):
     L = "encoder.layers.{i}"
-    ln = lambda name: [row(f"{name}.weight", "copy", f"{name}.weight"), row(f"{name}.bias", "copy", f"{name}.bias")]  # noqa: E731
-    lin = ln  # weight [out, in] and bias, copied as they are
-    rows = [
-        *ln("feature_projection.layer_norm"),
-        *lin("feature_projection.projection"),
-    ]
+    # Layer norms and linears (weight [out, in] and bias) are carried as they are.
+    rows = keep("feature_projection.layer_norm", "feature_projection.projection", params=WB)
     for ffn in ("ffn1", "ffn2"):
-        rows += [*ln(f"{L}.{ffn}_layer_norm"), *lin(f"{L}.{ffn}.intermediate_dense"), *lin(f"{L}.{ffn}.output_dense")]
+        rows += keep(f"{L}.{ffn}_layer_norm", f"{L}.{ffn}.intermediate_dense", f"{L}.{ffn}.output_dense", params=WB)
     rows += [
-        *ln(f"{L}.self_attn_layer_norm"),
-        *lin(f"{L}.self_attn.linear_q"),
-        *lin(f"{L}.self_attn.linear_k"),
-        *lin(f"{L}.self_attn.linear_v"),
-        *lin(f"{L}.self_attn.linear_out"),
-        row(f"{L}.self_attn.distance_embedding.weight", "copy", f"{L}.self_attn.distance_embedding.weight"),
-        *ln(f"{L}.conv_module.layer_norm"),
+        *keep(f"{L}.self_attn_layer_norm", *(f"{L}.self_attn.linear_{n}" for n in ("q", "k", "v", "out")), params=WB),
+        *keep(f"{L}.self_attn.distance_embedding.weight"),
+        *keep(f"{L}.conv_module.layer_norm", params=WB),
         # nn.GLU(dim=1) on the conv output: first half of the channels is the value,
         # second half the gate.
         row(f"{L}.conv_module.pointwise_conv1.value.weight", "split(dim=0,index=0,parts=2)|squeeze(dim=2)",
             f"{L}.conv_module.pointwise_conv1.weight"),
         row(f"{L}.conv_module.pointwise_conv1.gate.weight", "split(dim=0,index=1,parts=2)|squeeze(dim=2)",
             f"{L}.conv_module.pointwise_conv1.weight"),
-        row(f"{L}.conv_module.depthwise_conv.weight", "copy", f"{L}.conv_module.depthwise_conv.weight"),
-        *ln(f"{L}.conv_module.depthwise_layer_norm"),
+        *keep(f"{L}.conv_module.depthwise_conv.weight"),
+        *keep(f"{L}.conv_module.depthwise_layer_norm", params=WB),
         row(f"{L}.conv_module.pointwise_conv2.weight", "squeeze(dim=2)", f"{L}.conv_module.pointwise_conv2.weight"),
-        *ln(f"{L}.final_layer_norm"),
+        *keep(f"{L}.final_layer_norm", params=WB),
         # IndexTTS-2's statistics (extra source "stats/"), std = sqrt(var) as upstream computes it.
         row("semantic_stats.mean", "copy", "stats/mean"),
         row("semantic_stats.std", "sqrt", "stats/var"),
