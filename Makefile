@@ -29,6 +29,12 @@ check: $(VENV)/.runtime
 test: $(VENV)/.dev
 	$(PY) -m pytest -q tests
 
+# Full-size synthetic inputs (~7 GB, generated once into BENCH_CACHE) and the
+# measurements of issue 8; results in bench-results/.  Not a test: CI does not run it.
+BENCH_CACHE ?= bench-cache
+bench: $(VENV)/.dev
+	$(PY) -m bench.run --cache $(BENCH_CACHE) --results bench-results
+
 # Regenerate the committed demo release from the upstream classes.
 demo: $(VENV)/.dev
 	$(PY) scripts/make_demo.py demo/release

@@ -1,0 +1,382 @@
+"""Measure the converter against its baselines (issue 8) and print a table.
+
+    python -m bench.run [--cache DIR] [--results DIR] [--runs N] [--size full|tiny]
+
+Every timed command runs in a fresh process, with a warm page cache (all inputs are
+read once first), and is repeated ``--runs`` times; the table shows the median.
+Conversions and their copy baselines alternate, so a noisy neighbour hurts both.
+
+1. Conversion speed: ``convert.py gpt`` against ``cp gpt.pth X && sync X`` (the
+   converter fsyncs its output too), and ``convert.py all`` against copying all of
+   its inputs and syncing each copy.  Target: ratio <= 1.2.
+2. Memory: peak anonymous resident memory (``RssAnon`` in ``/proc/PID/status``:
+   private, non-file-backed pages, interpreter included; page-cache and mmap pages of
+   files are not counted) of ``convert.py gpt``, sampled every ``POLL_S`` seconds by
+   this process.  A spike shorter than the interval could be missed; tensors live for
+   at least the time it takes to write them, and the largest (0.5 GB) take far longer
+   than that.  Reference row: a naive converter (torch.load, a dict, save_file).
+   Target: < 512 MiB.
+3. ``convert.py check`` on the four outputs: wall time of the command.  Target: < 1 s.
+4. Runtime load, in a fresh process per side, timed inside it (imports excluded):
+   ``safetensors.torch.load_file`` of the canonical file, then one read of every byte
+   of every tensor (a copy into a scratch buffer, as a copy to a device would read
+   it: mmap-backed tensors count only once read), against ``torch.load``
+   of the upstream file plus the transforms a port has to do (the file's own
+   provenance op chains applied with ``converters.ops.apply``, each result made
+   contiguous).  Target: canonical at least 8x faster, for the ``.pth`` models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+from . import inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONVERT = os.path.join(ROOT, "convert.py")
+PY = sys.executable
+POLL_S = 0.002
+OUT_NAMES = {"gpt": "gpt.safetensors", "s2mel": "s2mel.safetensors", "w2v-bert": "w2v_bert.safetensors", "bigvgan": "bigvgan.safetensors"}
+TARGETS = {"convert_ratio": 1.2, "memory_mib": 512, "check_s": 1.0, "load_speedup": 8.0}
+
+
+# ------------------------------------------------------------------ machine
+
+
+def machine(folder: str) -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal"))) * 1024
+    except (OSError, StopIteration):
+        pass
+    disk = {"free_gib": round(shutil.disk_usage(folder).free / 2**30, 1)}
+    try:
+        out = subprocess.run(["df", "-T", folder], capture_output=True, text=True, check=True).stdout.splitlines()[-1].split()
+        disk.update(device=out[0], fstype=out[1], size_gib=round(int(out[2]) / 2**20, 1))
+    except (OSError, subprocess.CalledProcessError, IndexError, ValueError):
+        pass
+    import torch
+
+    return {
+        "cpus": os.cpu_count(), "cpu_model": cpu, "memory_gib": round(mem / 2**30, 1), "disk": disk,
+        "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+    }
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def timed(cmd: list[str] | str, **kw) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kw)
+    return time.perf_counter() - t
+
+
+def warm(paths) -> None:
+    """Read files once so the page cache holds them (both sides start warm)."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(16 << 20):
+                pass
+
+
+def rmtree(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def peak_anon(cmd: list[str]) -> dict:
+    """Run cmd; sample RssAnon (and VmHWM at the end) from /proc/PID/status."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    status = f"/proc/{proc.pid}/status"
+    peak, samples, hwm = 0, 0, 0
+    t = time.perf_counter()
+    while proc.poll() is None:
+        try:
+            with open(status) as f:
+                for ln in f:
+                    if ln.startswith("RssAnon:"):
+                        peak = max(peak, int(ln.split()[1]))
+                        samples += 1
+                    elif ln.startswith("VmHWM:"):
+                        hwm = int(ln.split()[1])
+        except (OSError, ValueError):
+            pass
+        time.sleep(POLL_S)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return {"peak_rss_anon_mib": round(peak / 1024, 1), "peak_rss_total_mib": round(hwm / 1024, 1), "samples": samples, "wall_s": round(wall, 3)}
+
+
+def median(xs: list[float]) -> float:
+    return round(statistics.median(xs), 3)
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def bench_convert(release: str, work: str, runs: int, log) -> dict:
+    files = inputs.release_files(release)
+    out_gpt, copy_gpt = os.path.join(work, "gpt.safetensors"), os.path.join(work, "gpt.copy")
+    out_all, copy_all = os.path.join(work, "all"), os.path.join(work, "all.copy")
+    warm(files.values())
+    res: dict = {"gpt": {"convert_s": [], "copy_s": []}, "all": {"convert_s": [], "copy_s": []}}
+    for i in range(runs):
+        order = [0, 1] if i % 2 == 0 else [1, 0]
+        for which in order:
+            if which == 0:
+                rmtree(out_gpt)
+                res["gpt"]["convert_s"].append(timed([PY, CONVERT, "gpt", files["gpt"], out_gpt, "--quiet"]))
+                rmtree(out_gpt)
+            else:
+                rmtree(copy_gpt)
+                res["gpt"]["copy_s"].append(timed(f'cp "{files["gpt"]}" "{copy_gpt}" && sync "{copy_gpt}"', shell=True))
+                rmtree(copy_gpt)
+        log(f"convert gpt: run {i + 1}: {res['gpt']['convert_s'][-1]:.2f} s, cp+sync {res['gpt']['copy_s'][-1]:.2f} s")
+    srcs = inputs.all_inputs(release)
+    warm(srcs)
+    for i in range(runs):
+        order = [0, 1] if i % 2 == 0 else [1, 0]
+        for which in order:
+            if which == 0:
+                rmtree(out_all)
+                res["all"]["convert_s"].append(timed([PY, CONVERT, "all", "--src", release, "--out", out_all, "--quiet"]))
+            else:
+                rmtree(copy_all)
+                os.makedirs(copy_all)
+                dsts = [os.path.join(copy_all, f"{i}.{os.path.basename(p)}") for i, p in enumerate(srcs)]
+                cmd = " && ".join(f'cp "{s}" "{d}"' for s, d in zip(srcs, dsts)) + " && sync " + " ".join(f'"{d}"' for d in dsts)
+                res["all"]["copy_s"].append(timed(cmd, shell=True))
+                rmtree(copy_all)
+        log(f"convert all: run {i + 1}: {res['all']['convert_s'][-1]:.2f} s, copy+sync {res['all']['copy_s'][-1]:.2f} s")
+    for r in res.values():
+        r["convert_median_s"], r["copy_median_s"] = median(r["convert_s"]), median(r["copy_s"])
+        r["ratio"] = round(r["convert_median_s"] / r["copy_median_s"], 3)
+    res["input_bytes"] = {"gpt": os.path.getsize(files["gpt"]), "all": sum(os.path.getsize(p) for p in srcs)}
+    return res
+
+
+NAIVE = """
+import sys, torch
+from safetensors.torch import save_file
+sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2])
+"""
+
+
+def bench_memory(release: str, work: str, runs: int, log) -> dict:
+    src = inputs.release_files(release)["gpt"]
+    out = os.path.join(work, "gpt.safetensors")
+    warm([src])
+    conv = []
+    for i in range(runs):
+        rmtree(out)
+        conv.append(peak_anon([PY, CONVERT, "gpt", src, out, "--quiet"]))
+        log(f"memory gpt: run {i + 1}: {conv[-1]['peak_rss_anon_mib']} MiB anon")
+    rmtree(out)
+    naive = peak_anon([PY, "-c", NAIVE, src, out])
+    log(f"memory naive: {naive['peak_rss_anon_mib']} MiB anon")
+    rmtree(out)
+    return {
+        "converter": {"runs": conv, "peak_rss_anon_mib": max(r["peak_rss_anon_mib"] for r in conv)},
+        "naive": naive, "poll_interval_s": POLL_S,
+    }
+
+
+def bench_check(out_dir: str, runs: int, log) -> dict:
+    files = [os.path.join(out_dir, n) for n in OUT_NAMES.values()]
+    warm(files)
+    ts = [timed([PY, CONVERT, "check", *files]) for _ in range(runs)]
+    log(f"check: {', '.join(f'{t:.2f}' for t in ts)} s")
+    return {"files": len(files), "bytes": sum(map(os.path.getsize, files)), "wall_s": [round(t, 3) for t in ts], "median_s": median(ts)}
+
+
+LOADER = r"""
+import json, sys, time
+import torch
+from safetensors.torch import load_file
+
+def touch(sd):
+    # Read every byte once, as a copy to a device would: copy each tensor into one
+    # reused scratch buffer (mmap-backed tensors are faulted in by this read).
+    big = max((t.numel() * t.element_size() for t in sd.values()), default=0)
+    scratch = torch.empty(big, dtype=torch.uint8)
+    for t in sd.values():
+        if t.numel():
+            b = t.reshape(-1).view(torch.uint8)
+            scratch[:b.numel()].copy_(b)
+
+def flatten(obj, prefix=""):
+    out = {}
+    for k, v in obj.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+def upstream(kind, paths, prov):
+    if kind == "w2v-bert":   # upstream ships safetensors here already: read it fully too
+        sd = load_file(paths["main"])
+        touch(sd)
+        sd.update({"stats/" + k: v for k, v in torch.load(paths["stats"], map_location="cpu", weights_only=True).items()})
+    else:
+        obj = torch.load(paths["main"], map_location="cpu", weights_only=True)
+        sd = flatten(obj["net"]) if kind == "s2mel" else obj.get("generator", obj)
+    from converters import ops
+    ready = {}
+    for name, p in prov.items():
+        if p["from"]:
+            ready[name] = ops.apply(p["op"], [sd[s] for s in p["from"]]).contiguous()
+    return ready
+
+def canonical(path):
+    sd = load_file(path)
+    touch(sd)
+    return sd
+
+side, kind, path, extra = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+t = time.perf_counter()
+if side == "canonical":
+    sd = canonical(path)
+else:
+    sd = upstream(kind, extra["paths"], extra["prov"])
+print(json.dumps({"s": time.perf_counter() - t, "tensors": len(sd)}))
+"""
+
+
+def bench_load(release: str, out_dir: str, runs: int, log) -> dict:
+    sys.path.insert(0, ROOT)
+    from converters import safetensors_io as stio
+
+    files = inputs.release_files(release)
+    res = {}
+    for kind, name in OUT_NAMES.items():
+        canon = os.path.join(out_dir, name)
+        md = stio.read_header(canon).metadata
+        prov = json.loads(md["provenance"])
+        paths = {"main": files[kind]}
+        if kind == "w2v-bert":
+            paths["stats"] = files["stats"]
+        warm([canon, *paths.values()])
+        extra = json.dumps({"paths": paths, "prov": prov})
+        row = {"canonical_s": [], "upstream_s": []}
+        for _ in range(runs):
+            for side in ("canonical", "upstream"):
+                out = subprocess.run([PY, "-c", LOADER, side, kind, canon, extra], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+                row[f"{side}_s"].append(round(json.loads(out.splitlines()[-1])["s"], 3))
+        row["canonical_median_s"], row["upstream_median_s"] = median(row["canonical_s"]), median(row["upstream_s"])
+        row["speedup"] = round(row["upstream_median_s"] / max(row["canonical_median_s"], 1e-9), 1)
+        row["upstream_format"] = "safetensors" if kind == "w2v-bert" else "pth"
+        res[kind] = row
+        log(f"load {kind}: canonical {row['canonical_median_s']} s, upstream {row['upstream_median_s']} s ({row['speedup']}x)")
+    return res
+
+
+# ------------------------------------------------------------------ report
+
+
+def verdicts(r: dict) -> dict:
+    c, m, k, ld = r["convert"], r["memory"], r["check"], r["load"]
+    return {
+        "convert_gpt": c["gpt"]["ratio"] <= TARGETS["convert_ratio"],
+        "convert_all": c["all"]["ratio"] <= TARGETS["convert_ratio"],
+        "memory_gpt": m["converter"]["peak_rss_anon_mib"] < TARGETS["memory_mib"],
+        "check": k["median_s"] < TARGETS["check_s"],
+        **{f"load_{kind}": row["speedup"] >= TARGETS["load_speedup"] for kind, row in ld.items() if row["upstream_format"] == "pth"},
+    }
+
+
+def table(r: dict) -> str:
+    c, m, k, ld, ok = r["convert"], r["memory"], r["check"], r["load"], r["verdicts"]
+    mark = lambda key: "met" if ok[key] else "MISSED"  # noqa: E731
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    rows = [
+        ("1. convert gpt.pth", f"{c['gpt']['convert_median_s']:.2f} s", f"cp+sync {c['gpt']['copy_median_s']:.2f} s",
+         f"{c['gpt']['ratio']:.2f}x", f"<= {TARGETS['convert_ratio']}x: {mark('convert_gpt')}"),
+        (f"1. convert all ({gib(c['input_bytes']['all'])})", f"{c['all']['convert_median_s']:.2f} s",
+         f"cp+sync {c['all']['copy_median_s']:.2f} s", f"{c['all']['ratio']:.2f}x", f"<= {TARGETS['convert_ratio']}x: {mark('convert_all')}"),
+        ("2. peak RssAnon, convert gpt.pth", f"{m['converter']['peak_rss_anon_mib']:.0f} MiB", "", "", f"< {TARGETS['memory_mib']} MiB: {mark('memory_gpt')}"),
+        ("2. peak RssAnon, naive converter", f"{m['naive']['peak_rss_anon_mib']:.0f} MiB", "", "", "reference"),
+        ("3. check, 4 outputs", f"{k['median_s']:.2f} s", "", "", f"< {TARGETS['check_s']:.0f} s: {mark('check')}"),
+    ]
+    for kind, row in ld.items():
+        base = "load_file" if row["upstream_format"] == "safetensors" else "torch.load"
+        target = f">= {TARGETS['load_speedup']:.0f}x: {mark('load_' + kind)}" if f"load_{kind}" in ok else "info (upstream is safetensors)"
+        rows.append((f"4. load {kind}", f"{row['canonical_median_s']:.2f} s", f"{base}+transforms {row['upstream_median_s']:.2f} s",
+                     f"{row['speedup']:.1f}x", target))
+    head = ("measurement", "ours (median)", "baseline (median)", "ratio", "target")
+    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(5)]
+    line = lambda x: "| " + " | ".join(str(v).ljust(w) for v, w in zip(x, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def describe(mc: dict) -> str:
+    d = mc["disk"]
+    return (f"{mc['cpus']} CPUs ({mc['cpu_model']}), {mc['memory_gib']} GiB RAM, disk {d.get('device', '?')} "
+            f"({d.get('fstype', '?')}, {d.get('size_gib', '?')} GiB), Linux {mc['kernel']}, Python {mc['python']}, "
+            f"torch {mc['torch']}, CUDA {'yes' if mc['cuda'] else 'no'}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", default=os.environ.get("BENCH_CACHE", "bench-cache"), help="Folder for the generated inputs (reused).")
+    ap.add_argument("--results", default="bench-results", help="Folder for the JSON results.")
+    ap.add_argument("--runs", type=int, default=3, help="Runs per measurement (the median is reported).")
+    ap.add_argument("--size", choices=("full", "tiny"), default="full", help="tiny: the smoke test's small inputs.")
+    args = ap.parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    cache = os.path.abspath(args.cache)
+    release = inputs.ensure(os.path.join(cache, "release" if args.size == "full" else "release-tiny"), args.size, log)
+    work = os.path.join(cache, "work")
+    rmtree(work)
+    os.makedirs(work)
+    result: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "size": args.size, "runs": args.runs,
+                    "machine": machine(cache)}
+    log(f"machine: {describe(result['machine'])}")
+    try:
+        result["convert"] = bench_convert(release, work, args.runs, log)
+        result["memory"] = bench_memory(release, work, args.runs, log)
+        outs = os.path.join(work, "outputs")
+        subprocess.run([PY, CONVERT, "all", "--src", release, "--out", outs, "--quiet"], check=True, stdout=subprocess.DEVNULL)
+        result["check"] = bench_check(outs, max(args.runs, 5), log)
+        result["load"] = bench_load(release, outs, args.runs, log)
+    finally:
+        rmtree(work)
+    result["verdicts"] = ok = verdicts(result)
+    result["table"] = table(result)
+    os.makedirs(args.results, exist_ok=True)
+    stamp = result["date"].replace(":", "")
+    for name in (f"bench-{args.size}-{stamp}.json", f"latest-{args.size}.json"):
+        with open(os.path.join(args.results, name), "w") as f:
+            json.dump(result, f, indent=2)
+    print(f"Machine: {describe(result['machine'])}")
+    print(result["table"])
+    print(f"targets: {sum(ok.values())} of {len(ok)} met; JSON in {os.path.join(args.results, f'latest-{args.size}.json')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

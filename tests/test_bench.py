@@ -1,0 +1,53 @@
+"""Smoke run of the bench machinery (bench/) on tiny generated inputs.
+
+Timings are not asserted (benchmarks are not timed tests); this checks that every
+measurement runs, the inputs have the release layout the converters accept, the
+memory sampler sees the process, and the JSON report has every row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from bench import inputs, run
+
+
+def test_bench_smoke(tmp_path):
+    res = run.main(["--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "res"), "--runs", "1", "--size", "tiny"])
+    saved = json.loads((tmp_path / "res" / "latest-tiny.json").read_text())
+    assert saved["table"] == res["table"]
+    assert set(saved["verdicts"]) >= {"convert_gpt", "convert_all", "memory_gpt", "check", "load_gpt", "load_s2mel", "load_bigvgan"}
+    for which in ("gpt", "all"):
+        assert saved["convert"][which]["convert_median_s"] > 0 and saved["convert"][which]["copy_median_s"] > 0
+    assert saved["memory"]["converter"]["runs"][0]["samples"] > 0
+    assert saved["memory"]["converter"]["peak_rss_anon_mib"] > 0 and saved["memory"]["naive"]["peak_rss_anon_mib"] > 0
+    assert set(saved["load"]) == set(run.OUT_NAMES)
+    assert all(row["canonical_median_s"] > 0 and row["upstream_median_s"] > 0 for row in saved["load"].values())
+    assert saved["machine"]["cpus"] >= 1
+    # The work folder (outputs, copies) is cleaned up; the inputs stay for reuse.
+    assert sorted(os.listdir(tmp_path / "cache")) == ["release-tiny"]
+    release = str(tmp_path / "cache" / "release-tiny")
+    assert all(os.path.isfile(p) for p in inputs.release_files(release).values())
+    logs = []
+    inputs.ensure(release, "tiny", logs.append)
+    assert logs == [f"inputs: reusing {release}"]
+
+
+def test_inputs_have_upstream_names_and_shapes(tmp_path):
+    """The generated files hold exactly the upstream classes' state-dict names and shapes."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = inputs.ensure(str(tmp_path / "rel"), "tiny", lambda m: None)
+    files = inputs.release_files(folder)
+    mods = inputs.modules(inputs.configs("tiny"))
+    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}  # noqa: E731
+    assert shapes(torch.load(files["gpt"], weights_only=True)) == shapes(mods["gpt"].state_dict())
+    s2 = torch.load(files["s2mel"], weights_only=True)
+    assert {k: shapes(v) for k, v in s2["net"].items()} == {k: shapes(m.state_dict()) for k, m in mods["s2mel"].items()}
+    n_params = sum(1 for m in mods["s2mel"].values() for _ in m.parameters())
+    assert sum(len(o["state"]) for o in s2["optimizer"].values()) == n_params
+    assert shapes(load_file(files["w2v-bert"])) == shapes(mods["w2v"].state_dict())
+    bv = torch.load(files["bigvgan"], weights_only=True)["generator"]
+    assert shapes(bv) == shapes(mods["bigvgan"].state_dict()) and any(k.endswith("weight_g") for k in bv)
