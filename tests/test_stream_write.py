@@ -60,11 +60,11 @@ def test_all_finite_agrees_with_isfinite(dtype):
     big = torch.finfo(dtype).max
     cases = [
         torch.randn(1000),
-        torch.full((100,), big),                 # finite, but the sum overflows: exact path says finite
+        torch.full((100,), big, dtype=dtype),    # finite, but the sum overflows: exact path says finite
         torch.tensor([1.0, float("nan"), 2.0]),
         torch.tensor([float("inf"), 1.0]),
         torch.tensor([float("inf"), float("-inf")]),
-        torch.tensor([-big, big, float("nan")]),
+        torch.tensor([-big, big, float("nan")], dtype=dtype),
         torch.randn(30, 40).t(),
     ]
     for c in cases:
