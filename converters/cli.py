@@ -9,10 +9,12 @@ import sys
 
 import click
 
-from . import engine, schema
+from . import registry, schema
 from .errors import ConvertError
 
-DTYPE = click.Choice(list(engine.DTYPE_CHOICES))
+# Only torch-free modules are imported here; the converters (and torch) load when a
+# command that converts runs, so `check` starts in a fraction of a second.
+DTYPE = click.Choice(list(registry.DTYPE_NAMES))
 
 def _fail(msg: str, code: int = 1):
     click.echo(f"error: {msg}", err=True)
@@ -62,24 +64,27 @@ def main():
     """Convert IndexTTS-2 checkpoints into canonical, schema-checked safetensors."""
 
 
-def _extra_options(kind: str) -> dict[str, tuple[str, str]]:
-    """A model's extra source files: {option name: (help, file name in a release folder)}."""
-    try:
-        return getattr(engine.model_module(kind), "EXTRA_OPTIONS", {})
-    except ConvertError:
-        return {}
+def _engine():
+    from . import engine
+
+    return engine
 
 
 def _model_command(kind: str):
-    def cmd(src, out_file, config, dtype, force, quiet, allow_nonfinite, **extra):
-        extra = {k: v for k, v in extra.items() if v is not None}
-        p = engine.convert(kind, src, out_file, config, dtype, force, quiet, allow_nonfinite, extra)
+    files = registry.EXTRA_FILES.get(kind, {})
+    choices = registry.CHOICES.get(kind, {})
+
+    def cmd(src, out_file, config, dtype, force, quiet, allow_nonfinite, **more):
+        extra = {k: v for k, v in more.items() if k in files and v is not None}
+        options = {k: v for k, v in more.items() if k in choices}
+        p = _engine().convert(kind, src, out_file, config, dtype, force, quiet, allow_nonfinite, extra, options)
         if not quiet:
             click.echo(f"wrote {out_file} ({kind}, {len(p.plan.entries)} tensors, {len(p.plan.dropped)} dropped)")
 
     cmd = guarded(cmd)
     cmd = convert_options(cmd)
-    for name, (help_text, _) in _extra_options(kind).items():
+    cmd = choice_options(cmd, choices)
+    for name, (help_text, _) in files.items():
         cmd = click.option(f"--{name}", name, type=click.Path(), default=None, help=help_text)(cmd)
     cmd = click.option("--config", type=click.Path(), default=None, help="Config file (default: the one beside the source).")(cmd)
     cmd = click.argument("out_file", type=click.Path())(cmd)
@@ -87,23 +92,38 @@ def _model_command(kind: str):
     return main.command(kind, help=f"Convert one {kind} checkpoint (file or folder) to a canonical file.")(cmd)
 
 
-for _kind in engine.MODELS:
+def choice_options(cmd, choices: dict):
+    for name, (values, default, help_text) in choices.items():
+        cmd = click.option(f"--{name}", name, type=click.Choice(list(values)), default=default, show_default=True,
+                           help=help_text)(cmd)
+    return cmd
+
+
+for _kind in registry.MODELS:
     _model_command(_kind)
 
 
 def _all_command():
-    from .release import ITEMS, convert_all
+    from .release import ITEMS
 
-    def cmd(src, out, dtype, force, quiet, allow_nonfinite, **flags):
+    all_choices = {name: spec for kind in registry.CHOICES for name, spec in registry.CHOICES[kind].items()}
+
+    def cmd(src, out, dtype, force, quiet, allow_nonfinite, **more):
         """Convert every model of a release folder into OUT, with OUT/manifest.json.
 
         Sources not named by a flag are looked for in the release folder, then in the
         Hugging Face cache.  Outputs whose sources and options are unchanged since the
         last run are skipped."""
-        convert_all(src, out, flags, dtype, force, quiet, allow_nonfinite, echo=click.echo)
+        from .release import convert_all
+
+        choices = {k: v for k, v in more.items() if k in all_choices}
+        flags = {k: v for k, v in more.items() if k not in all_choices}
+        convert_all(src, out, flags, dtype, force, quiet, allow_nonfinite, echo=click.echo, choices=choices)
 
     cmd = guarded(cmd)
     cmd = convert_options(cmd)
+    cmd = choice_options(cmd, {k: (v, d, f"({'/'.join(kind for kind in registry.CHOICES if k in registry.CHOICES[kind])}) {h}")
+                               for k, (v, d, h) in all_choices.items()})
     for item in reversed([i for i in ITEMS if i.flag]):
         where = f"SRC/{item.release}" + (f", else the Hugging Face cache ({item.hf[0]})" if item.hf else "")
         cmd = click.option(f"--{item.flag.replace('_', '-')}", item.flag, type=click.Path(), default=None,
@@ -182,19 +202,20 @@ def check_cmd(paths, full_hash):
 @guarded
 def inspect_cmd(path, config):
     """Describe a source or canonical file: model, tensors, what each becomes."""
-    from . import safetensors_io as stio
+    from . import st_header
     from .detect import detect
     from .sources import open_source, sniff
 
     if not os.path.isdir(path) and sniff(path) == "safetensors":
-        header = stio.read_header(path)
+        header = st_header.read_header(path)
         if header.metadata.get("schema") == schema.SCHEMA_NAME:
             _inspect_canonical(path, header)
             return
+    engine = _engine()
     file = path
     kind = None
     if os.path.isdir(path):
-        for k in engine.MODELS:
+        for k in registry.MODELS:
             try:
                 mod = engine.model_module(k)
             except ConvertError:

@@ -7,7 +7,6 @@ strict accounting) -> :func:`schema.check` on the planned header -> streaming wr
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -19,22 +18,10 @@ import torch
 from . import ops, schema
 from . import safetensors_io as stio
 from .errors import ConvertError
+from .registry import CONVERTER_VERSION, MODELS, sha256_file  # noqa: F401 (re-exported)
 from .sources import CombinedSource, Source, open_source
 from .table import Plan, resolve
 
-CONVERTER_VERSION = "0.1.0"
-
-# model kind -> module under converters/ (a missing module = not written yet)
-MODELS: dict[str, str] = {
-    "gpt": "converters.gpt",
-    "s2mel": "converters.s2mel",
-    "w2v-bert": "converters.w2v_bert",
-    "bigvgan": "converters.bigvgan",
-    "speaker-matrix": "converters.speaker_matrix",
-    "emotion-matrix": "converters.emotion_matrix",
-    "semantic-codec": "converters.semantic_codec",
-    "campplus": "converters.campplus",
-}
 DTYPE_CHOICES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -47,16 +34,6 @@ def model_module(kind: str):
         if e.name != MODELS[kind]:
             raise
         raise ConvertError(f"the {kind} converter does not exist yet") from None
-
-
-def sha256_file(path: str, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
 
 
 class _Hasher(threading.Thread):
@@ -143,11 +120,13 @@ class Prepared:
 
 
 def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "keep", hash_source: bool = True,
-            extra: dict[str, str] | None = None) -> Prepared:
+            extra: dict[str, str] | None = None, options: dict[str, str] | None = None) -> Prepared:
     mod = model_module(kind)
     src_file, cfg_file = locate(mod, src_path, config_path)
     raw = mod.load_config(cfg_file)
-    config = mod.runtime_config(raw, cfg_file)
+    # Options that change the canonical form (registry.CHOICES) go to runtime_config,
+    # which records them in the metadata config.
+    config = mod.runtime_config(raw, cfg_file, **(options or {}))
     main = open_source(src_file)
     _refuse_other_model(kind, main)
     # Models built from several upstream files name the others here: {prefix: path}.
@@ -156,7 +135,8 @@ def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "kee
     files = {"": src_file, **extra_files}
     rows, loops = mod.table(config)
     target = DTYPE_CHOICES[dtype]
-    plan = resolve(src, rows, loops, mod.DROPS, config, target)
+    drops = mod.drops(config) if hasattr(mod, "drops") else mod.DROPS
+    plan = resolve(src, rows, loops, drops, config, target)
     floats = sorted({stio.st_dtype(e.dtype) for e in plan.entries if e.dtype.is_floating_point})
     if len(floats) > 1:
         raise ConvertError(f"{src_file}: source mixes float dtypes {floats}; pass --dtype to choose one")
@@ -205,11 +185,11 @@ def _refuse_other_model(kind: str, src: Source) -> None:
 
 def convert(kind: str, src_path: str, out_path: str, config_path: str | None = None, dtype: str = "keep",
             force: bool = False, quiet: bool = False, allow_nonfinite: bool = False,
-            extra: dict[str, str] | None = None) -> Prepared:
+            extra: dict[str, str] | None = None, options: dict[str, str] | None = None) -> Prepared:
     mod = model_module(kind)
     src_file, _ = locate(mod, src_path, config_path)
     check_output_path(out_path, src_file, force)
-    p = prepare(kind, src_path, config_path, dtype, extra=extra)
+    p = prepare(kind, src_path, config_path, dtype, extra=extra, options=options)
     for f in p.files.values():
         if os.path.exists(out_path) and os.path.samefile(out_path, f):
             raise ConvertError(f"{out_path}: is an input file (or a link to it); refusing to write over a source")

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from . import engine, schema
+from . import schema
 from .errors import ConvertError
+from .registry import CHOICES, CONVERTER_VERSION, EXTRA_FILES, sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -32,14 +33,12 @@ class Item:
     hf: tuple[str, str] | None = None  # (repo id, path inside a snapshot) in the HF cache
     flag: str | None = None  # `all` option that names the source explicitly
     release_config: str | None = None  # config file taken from the release folder
-    extra: dict = field(default_factory=dict)  # extra option -> file inside the release folder
 
 
 ITEMS: list[Item] = [
     Item("gpt", "gpt.safetensors", "gpt.pth"),
     Item("s2mel", "s2mel.safetensors", "s2mel.pth"),
-    Item("w2v-bert", "w2v_bert.safetensors", "w2v-bert-2.0", hf=("facebook/w2v-bert-2.0", ""), flag="w2v_bert",
-         extra={"stats": "wav2vec2bert_stats.pt"}),
+    Item("w2v-bert", "w2v_bert.safetensors", "w2v-bert-2.0", hf=("facebook/w2v-bert-2.0", ""), flag="w2v_bert"),
     Item("bigvgan", "bigvgan.safetensors", "bigvgan", hf=("nvidia/bigvgan_v2_22khz_80band_256x", ""), flag="bigvgan"),
     Item("speaker-matrix", "speaker_matrix.safetensors", "feat1.pt"),
     Item("emotion-matrix", "emotion_matrix.safetensors", "feat2.pt"),
@@ -109,7 +108,7 @@ def find_source(item: Item, release_dir: str, flags: dict[str, str | None]) -> t
 
 def fingerprint(path: str, digest: str | None = None) -> dict:
     st = os.stat(path)
-    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest or engine.sha256_file(path)}
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest or sha256_file(path)}
 
 
 def read_manifest(out_dir: str) -> dict | None:
@@ -147,13 +146,16 @@ def _same_file(rec: dict, path: str) -> bool:
         return False
     if st.st_mtime_ns == rec.get("mtime_ns"):
         return True
-    return engine.sha256_file(path) == rec.get("sha256")
+    return sha256_file(path) == rec.get("sha256")
 
 
 def _inputs(item: Item, src: str, release_dir: str, config: str | None) -> tuple[dict[str, str], dict[str, str]]:
     """({role: path} of every input file, extra options) for one item."""
+    from . import engine
+
     mod = engine.model_module(item.kind)
-    extra = {opt: os.path.join(release_dir, f) for opt, f in item.extra.items()}
+    # Extra source files (registry.EXTRA_FILES) are taken from the release folder.
+    extra = {opt: os.path.join(release_dir, f) for opt, (_, f) in EXTRA_FILES.get(item.kind, {}).items()}
     src_file, cfg_file = engine.locate(mod, src, config)
     files = {"checkpoint": src_file}
     if cfg_file is not None:  # CAMPPlus has no upstream config file
@@ -164,7 +166,7 @@ def _inputs(item: Item, src: str, release_dir: str, config: str | None) -> tuple
 
 
 def up_to_date(entry: dict | None, files: dict[str, str], out_path: str, options: dict) -> bool:
-    if not entry or entry.get("options") != options or entry.get("converter_version") != engine.CONVERTER_VERSION:
+    if not entry or entry.get("options") != options or entry.get("converter_version") != CONVERTER_VERSION:
         return False
     if entry.get("schema_version") != schema.schema_version():
         return False
@@ -177,8 +179,21 @@ def up_to_date(entry: dict | None, files: dict[str, str], out_path: str, options
     return set(recs) == set(files) and all(_same_file(recs[r], p) for r, p in files.items())
 
 
+def _options(item: Item, dtype: str, allow_nonfinite: bool, choices: dict[str, str]) -> tuple[dict, dict]:
+    """(the options recorded in the manifest, the model options passed to the converter)."""
+    model_opts = {k: v for k, v in choices.items() if k in CHOICES.get(item.kind, {})}
+    return {"dtype": dtype, "allow_nonfinite": allow_nonfinite, **model_opts}, model_opts
+
+
 def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dtype: str, force: bool,
-                quiet: bool, allow_nonfinite: bool, echo=print) -> dict:
+                quiet: bool, allow_nonfinite: bool, echo=print, choices: dict[str, str] | None = None) -> dict:
+    """Convert every item; ``choices`` are model options (``profile``) applied to the
+    models that take them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import engine
+
+    choices = choices or {}
     if not os.path.isdir(release_dir):
         raise ConvertError(f"{release_dir}: release folder not found")
     for item in ITEMS:
@@ -187,7 +202,6 @@ def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dt
         raise ConvertError(f"{out_dir}: exists and is not a folder")
     os.makedirs(out_dir, exist_ok=True)
     old = read_manifest(out_dir) or {"files": {}}
-    options = {"dtype": dtype, "allow_nonfinite": allow_nonfinite}
     plan = []
     for item in ITEMS:  # find every source before converting anything
         src, how = find_source(item, release_dir, flags)
@@ -196,32 +210,52 @@ def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dt
         echo(f"{item.kind}: {src} ({how})")
         plan.append((item, src, config, files, extra))
     manifest = {"manifest_version": MANIFEST_VERSION, "schema": schema.SCHEMA_NAME, "schema_version": schema.schema_version(),
-                "converter_version": engine.CONVERTER_VERSION, "options": options, "files": {}}
-    for item, src, config, files, extra in plan:
-        out_path = os.path.join(out_dir, item.out)
-        entry = old["files"].get(item.out)
-        if up_to_date(entry, files, out_path, options):
-            echo(f"up to date: {out_path}")
-            manifest["files"][item.out] = entry
-            continue
-        # Replacing a file this tool wrote (listed in the manifest) needs no --force.
-        ours = entry is not None and os.path.isfile(out_path) and (os.path.getsize(out_path), os.stat(out_path).st_mtime_ns) == (entry.get("size"), entry.get("mtime_ns"))
-        p = engine.convert(item.kind, src, out_path, config, dtype, force or ours, quiet, allow_nonfinite, extra)
-        src_meta = json.loads(p.metadata["source"])
-        digests = {"checkpoint": src_meta["sha256"], **{k: v["sha256"] for k, v in src_meta.get("extra", {}).items()}}
-        st = os.stat(out_path)
-        manifest["files"][item.out] = {
-            "model": item.kind,
-            "sha256": engine.sha256_file(out_path),
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
-            "schema_version": schema.schema_version(),
-            "converter_version": engine.CONVERTER_VERSION,
-            "options": options,
-            "sources": {role: fingerprint(f, digests.get(role)) for role, f in files.items()},
-        }
-        echo(f"wrote {out_path} ({item.kind}, {len(p.plan.entries)} tensors, {len(p.plan.dropped)} dropped)")
-        write_manifest(out_dir, {**manifest, "files": {**old["files"], **manifest["files"]}})
+                "converter_version": CONVERTER_VERSION,
+                "options": {"dtype": dtype, "allow_nonfinite": allow_nonfinite, **choices}, "files": {}}
+    # Each new output is hashed on a worker thread while the next model converts; an
+    # entry whose hash is still running is recorded with "sha256": null until then.
+    hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifest-hash")
+    pending: dict[str, object] = {}
+
+    def collect(wait: bool) -> None:
+        for name, fut in list(pending.items()):
+            if wait or fut.done():
+                manifest["files"][name]["sha256"] = fut.result()
+                del pending[name]
+
+    try:
+        for item, src, config, files, extra in plan:
+            out_path = os.path.join(out_dir, item.out)
+            entry = old["files"].get(item.out)
+            options, model_opts = _options(item, dtype, allow_nonfinite, choices)
+            if up_to_date(entry, files, out_path, options):
+                echo(f"up to date: {out_path}")
+                manifest["files"][item.out] = entry
+                continue
+            # Replacing a file this tool wrote (listed in the manifest, unchanged since) needs no --force.
+            ours = entry is not None and os.path.isfile(out_path) and \
+                (os.path.getsize(out_path), os.stat(out_path).st_mtime_ns) == (entry.get("size"), entry.get("mtime_ns"))
+            p = engine.convert(item.kind, src, out_path, config, dtype, force or ours, quiet, allow_nonfinite, extra, model_opts)
+            src_meta = json.loads(p.metadata["source"])
+            digests = {"checkpoint": src_meta["sha256"], **{k: v["sha256"] for k, v in src_meta.get("extra", {}).items()}}
+            st = os.stat(out_path)
+            manifest["files"][item.out] = {
+                "model": item.kind,
+                "sha256": None,
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+                "schema_version": schema.schema_version(),
+                "converter_version": CONVERTER_VERSION,
+                "options": options,
+                "sources": {role: fingerprint(f, digests.get(role)) for role, f in files.items()},
+            }
+            pending[item.out] = hashing.submit(sha256_file, out_path)
+            echo(f"wrote {out_path} ({item.kind}, {len(p.plan.entries)} tensors, {len(p.plan.dropped)} dropped)")
+            collect(wait=False)
+            write_manifest(out_dir, {**manifest, "files": {**old["files"], **manifest["files"]}})
+        collect(wait=True)
+    finally:
+        hashing.shutdown(wait=True)
     write_manifest(out_dir, manifest)
     return manifest
 
@@ -229,7 +263,7 @@ def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dt
 def check_manifest(out_dir: str, full_hash: bool = False) -> list[str]:
     """Problems with OUT/manifest.json against the files (headers only, unless
     ``full_hash``, which re-hashes every canonical file)."""
-    from . import safetensors_io as stio
+    from . import st_header
 
     m = read_manifest(out_dir)
     if m is None:
@@ -250,7 +284,7 @@ def check_manifest(out_dir: str, full_hash: bool = False) -> list[str]:
             errs.append(f"{where}: {n} has {os.path.getsize(p)} bytes, the manifest says {e.get('size')}")
             continue
         try:
-            md = stio.read_header(p).metadata
+            md = st_header.read_header(p).metadata
         except ConvertError as err:
             errs.append(str(err))
             continue
@@ -264,6 +298,6 @@ def check_manifest(out_dir: str, full_hash: bool = False) -> list[str]:
             src_sha = None
         if src_sha != e.get("sources", {}).get("checkpoint", {}).get("sha256"):
             errs.append(f"{where}: {n} was converted from another source than the manifest records")
-        if full_hash and engine.sha256_file(p) != e.get("sha256"):
+        if full_hash and sha256_file(p) != e.get("sha256"):
             errs.append(f"{where}: {n} does not match its sha256 in the manifest")
     return errs

@@ -20,7 +20,7 @@ import os
 import string
 from functools import lru_cache
 
-from . import ops
+from . import opspec
 from .errors import ConvertError
 
 SCHEMA_NAME = "indextts2-canonical"
@@ -217,8 +217,8 @@ def check(kind: str, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: 
             continue
         if p["from"]:
             try:
-                ops.parse(p["op"])
-            except ops.OpError as e:
+                opspec.parse(p["op"])
+            except opspec.OpError as e:
                 errs.append(f"{where}: provenance of {name!r}: {e}")
     if not all(isinstance(v, str) for v in parsed["dropped"].values()):
         errs.append(f"{where}: metadata 'dropped' must map names to reasons")
@@ -254,10 +254,10 @@ def _show(sym, env, free):
 
 def check_file(path: str) -> tuple[str | None, list[str]]:
     """Check one canonical file by its header.  Returns (model kind, problems)."""
-    from . import safetensors_io as stio
+    from . import st_header
 
     try:
-        header = stio.read_header(path)
+        header = st_header.read_header(path)
     except ConvertError as e:
         return None, [str(e)]
     kind = header.metadata.get("model")

@@ -13,7 +13,6 @@ dropped by a named rule, and every output shape is known before any data is read
 
 from __future__ import annotations
 
-import itertools
 import re
 import string
 from dataclasses import dataclass, field

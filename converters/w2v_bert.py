@@ -55,12 +55,7 @@ SOURCE_FILES = ("model.safetensors",)
 CONFIG_NAME = "config.json"
 
 STATS_FILES = ("wav2vec2bert_stats.pt", "wav2vec2bert_stats.safetensors")
-EXTRA_OPTIONS = {
-    "stats": (
-        "IndexTTS-2's wav2vec2bert_stats.pt (default: looked for beside the model and in its parent folder).",
-        "wav2vec2bert_stats.pt",
-    ),
-}
+# The --stats option and its release-folder default are declared in registry.EXTRA_FILES.
 
 # IndexTTS-2 (infer_v2.py, get_emb) reads this entry of `hidden_states`.
 INDEXTTS2_HIDDEN_STATE_INDEX = 17
@@ -79,8 +74,14 @@ def load_config(path: str) -> dict:
     return load_json(path)
 
 
-def runtime_config(raw: dict, path: str) -> dict:
-    """The hyperparameters a runtime needs, with transformers' defaults made explicit."""
+def runtime_config(raw: dict, path: str, profile: str = "full") -> dict:
+    """The hyperparameters a runtime needs, with transformers' defaults made explicit.
+
+    ``profile="indextts2"`` (``--profile indextts2``) keeps only the layers IndexTTS-2
+    runs (``num_hidden_layers`` becomes 17) and folds the statistics into the last
+    layer's final layer norm, so the encoder's last output is the normalised feature."""
+    if profile not in ("full", "indextts2"):
+        raise ConvertError(f"{path}: unknown w2v-bert profile {profile!r}")
     need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     require(raw, need, path, "w2v-bert")
     if raw.get("model_type", "wav2vec2-bert") != "wav2vec2-bert":
@@ -128,6 +129,14 @@ def runtime_config(raw: dict, path: str) -> dict:
         "indextts2_hidden_state_index": INDEXTTS2_HIDDEN_STATE_INDEX,
         "hidden_states": "hidden_states[0] = feature_projection output; hidden_states[k] = output of encoder.layers.{k-1}",
         "indextts2_normalization": NORMALIZATION,
+        "profile": "full",
+    } if profile == "full" else {
+        **runtime_config(raw, path),
+        "profile": "indextts2",
+        "num_hidden_layers": INDEXTTS2_HIDDEN_STATE_INDEX,
+        "source_num_hidden_layers": layers,
+        "indextts2_normalization": (f"folded into encoder.layers.{INDEXTTS2_HIDDEN_STATE_INDEX - 1}.final_layer_norm: "
+                                    "the encoder's last hidden state is already (h - mean) / sqrt(var)"),
     }
 
 
@@ -178,9 +187,31 @@ def table(cfg: dict):
         *keep(f"{L}.conv_module.depthwise_conv.weight"),
         *keep(f"{L}.conv_module.depthwise_layer_norm", params=WB),
         row(f"{L}.conv_module.pointwise_conv2.weight", "squeeze(dim=2)", f"{L}.conv_module.pointwise_conv2.weight"),
-        *keep(f"{L}.final_layer_norm", params=WB),
-        # IndexTTS-2's statistics (extra source "stats/"), std = sqrt(var) as upstream computes it.
-        row("semantic_stats.mean", "copy", "stats/mean"),
-        row("semantic_stats.std", "sqrt", "stats/var"),
     ]
-    return rows, {"i": cfg["num_hidden_layers"]}
+    last = cfg["num_hidden_layers"] - 1
+    if cfg["profile"] == "full":
+        rows += [
+            *keep(f"{L}.final_layer_norm", params=WB),
+            # IndexTTS-2's statistics (extra source "stats/"), std = sqrt(var) as upstream computes it.
+            row("semantic_stats.mean", "copy", "stats/mean"),
+            row("semantic_stats.std", "sqrt", "stats/var"),
+        ]
+        return rows, {"i": cfg["num_hidden_layers"]}
+    # indextts2 profile: the last kept layer's final layer norm carries the normalisation
+    # (LN(x) * w + b - mean) / sqrt(var) = LN(x) * (w / sqrt(var)) + (b - mean) / sqrt(var).
+    ln = f"encoder.layers.{last}.final_layer_norm"
+    rows += [
+        *keep("encoder.layers.{f}.final_layer_norm", params=WB),
+        row(f"{ln}.weight", "normalize_scale", f"{ln}.weight", "stats/var"),
+        row(f"{ln}.bias", "normalize_shift", f"{ln}.bias", "stats/mean", "stats/var"),
+    ]
+    return rows, {"i": cfg["num_hidden_layers"], "f": last}
+
+
+def drops(cfg: dict) -> list[Drop]:
+    if cfg["profile"] == "full":
+        return DROPS
+    unused = "|".join(str(i) for i in range(cfg["num_hidden_layers"], cfg["source_num_hidden_layers"]))
+    return DROPS + ([Drop(rf"encoder\.layers\.({unused})\..+",
+                          f"--profile indextts2: IndexTTS-2 reads hidden_states[{INDEXTTS2_HIDDEN_STATE_INDEX}], "
+                          "so these layers never run")] if unused else [])

@@ -39,7 +39,7 @@ def test_all_writes_manifest_and_checks(release, tmp_path):
     assert "in the release folder" in p.stdout
     assert sorted(os.listdir(out)) == sorted(OUTS + ["manifest.json"])
     m = json.loads((out / "manifest.json").read_text())
-    assert m["options"] == {"dtype": "keep", "allow_nonfinite": False}
+    assert m["options"] == {"dtype": "keep", "allow_nonfinite": False, "profile": "full"}
     for n in OUTS:
         e = m["files"][n]
         assert e["sha256"] == _sha(out / n) and e["size"] == os.path.getsize(out / n)

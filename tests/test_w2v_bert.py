@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from converters import cli, engine, schema
+from converters import engine, registry, schema
 from converters.errors import ConvertError
 from converters.sources import CombinedSource, Source
 from converters.table import resolve
@@ -159,13 +159,13 @@ def test_stats_found_in_release_layout(tmp_path):
 
 def test_all_passes_release_stats(snapshot, tmp_path):
     """`convert.py all` gives the converter <release>/wav2vec2bert_stats.pt, via
-    EXTRA_OPTIONS; a stats file beside the model does not override it."""
+    registry.EXTRA_FILES; a stats file beside the model does not override it."""
     snap, _, _ = snapshot
     rel = tmp_path / "release"
     rel.mkdir()
     st = up.stats(H, seed=21)
     up.write_stats(str(rel / "wav2vec2bert_stats.pt"), st)
-    extra = {name: os.path.join(rel, f) for name, (_, f) in cli._extra_options("w2v-bert").items()}
+    extra = {name: os.path.join(rel, f) for name, (_, f) in registry.EXTRA_FILES["w2v-bert"].items()}
     assert extra == {"stats": str(rel / "wav2vec2bert_stats.pt")}
     out = tmp_path / "w2v_bert.safetensors"
     engine.convert("w2v-bert", snap, str(out), quiet=True, extra=extra)
