@@ -176,3 +176,16 @@ def test_make_convert_default_runs_on_the_demo(tmp_path):
     subprocess.run(["make", "-s", "convert", f"OUT={out}", f"PYTHON={py}"], cwd=ROOT, check=True, capture_output=True)
     subprocess.run(["make", "-s", "check", f"OUT={out}"], cwd=ROOT, check=True, capture_output=True)
     assert sorted(os.listdir(out)) == sorted(OUTS + ["manifest.json"])
+
+
+def test_verify_every_demo_output(release, tmp_path):
+    """verify recomputes every tensor of every model (weight-norm and batch-norm folds,
+    splits, regenerated buffers) from its source and finds no difference."""
+    out = tmp_path / "out"
+    run_cli("all", "--src", release, "--out", out, "--quiet")
+    m = json.loads((out / "manifest.json").read_text())
+    assert sorted(m["files"]) == sorted(OUTS)
+    for name, entry in m["files"].items():
+        src = entry["sources"]["checkpoint"]["path"]
+        p = run_cli("verify", src, out / name, "--stats", release / "wav2vec2bert_stats.pt", "--failures-only")
+        assert p.stdout.startswith("verified "), p.stdout
