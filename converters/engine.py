@@ -108,12 +108,24 @@ def check_output_path(out: str, src_file: str, force: bool) -> None:
         raise ConvertError(f"{out}: is the input file; refusing to write over the source")
 
 
+def input_files(mod, src_file: str, extra: dict[str, str] | None) -> dict[str, str]:
+    """The other upstream files a model is built from, as {prefix: path} (the w2v-bert
+    statistics: {"stats/": ...}); empty for single-file models."""
+    return mod.extra_sources(src_file, extra or {}) if hasattr(mod, "extra_sources") else {}
+
+
+def combine(main: Source, extra_files: dict[str, str]) -> Source:
+    """The main source, with each extra file's tensors under its prefix."""
+    return CombinedSource(main, {p: open_source(f) for p, f in extra_files.items()}) if extra_files else main
+
+
 @dataclass
 class Prepared:
     kind: str
     src: Source
     src_file: str
     plan: Plan
+    config: dict
     metadata: dict[str, str]
     hashers: dict[str, _Hasher]
     files: dict[str, str]  # "" for the main source, else the extra source's prefix
@@ -129,9 +141,8 @@ def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "kee
     config = mod.runtime_config(raw, cfg_file, **(options or {}))
     main = open_source(src_file)
     _refuse_other_model(kind, main)
-    # Models built from several upstream files name the others here: {prefix: path}.
-    extra_files = mod.extra_sources(src_file, extra or {}) if hasattr(mod, "extra_sources") else {}
-    src = CombinedSource(main, {p: open_source(f) for p, f in extra_files.items()}) if extra_files else main
+    extra_files = input_files(mod, src_file, extra)
+    src = combine(main, extra_files)
     files = {"": src_file, **extra_files}
     rows, loops = mod.table(config)
     target = DTYPE_CHOICES[dtype]
@@ -163,7 +174,7 @@ def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "kee
     errs = schema.check(kind, tensors, meta, src_file)
     if errs:
         raise ConvertError(f"{src_file}: the converted tensors would not match the schema:\n  " + "\n  ".join(errs[:20]))
-    return Prepared(kind, src, src_file, plan, meta, hashers, files)
+    return Prepared(kind, src, src_file, plan, config, meta, hashers, files)
 
 
 def _file_info(path: str) -> dict:
@@ -197,7 +208,7 @@ def convert(kind: str, src_path: str, out_path: str, config_path: str | None = N
         write(p, out_path, quiet, allow_nonfinite)
     finally:
         p.src.close()
-    kind_seen, errs = schema.check_file(out_path)
+    _, errs = schema.check_file(out_path)
     if errs:
         raise ConvertError(f"{out_path}: written file fails the schema check (converter bug):\n  " + "\n  ".join(errs[:20]))
     return p
@@ -206,12 +217,10 @@ def convert(kind: str, src_path: str, out_path: str, config_path: str | None = N
 def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool) -> None:
     from tqdm import tqdm
 
-    config = json.loads(p.metadata["config"])
-
     def producer(e):
         def produce() -> torch.Tensor:
             if e.regenerate is not None:
-                t = e.regenerate(config)
+                t = e.regenerate(p.config)
             else:
                 xs = [p.src.get(s) for s in e.sources]
                 try:

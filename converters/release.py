@@ -128,13 +128,9 @@ def read_manifest(out_dir: str) -> dict | None:
 def write_manifest(out_dir: str, manifest: dict) -> None:
     from .safetensors_io import AtomicOutput
 
-    out = AtomicOutput(os.path.join(out_dir, MANIFEST))
-    try:
+    with AtomicOutput(os.path.join(out_dir, MANIFEST)) as out:
         out.file.write((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         out.commit()
-    except BaseException:
-        out.abort()
-        raise
 
 
 def _same_file(rec: dict, path: str) -> bool:
@@ -160,9 +156,16 @@ def _inputs(item: Item, src: str, release_dir: str, config: str | None) -> tuple
     files = {"checkpoint": src_file}
     if cfg_file is not None:  # CAMPPlus has no upstream config file
         files["config"] = cfg_file
-    for prefix, f in (mod.extra_sources(src_file, extra) if hasattr(mod, "extra_sources") else {}).items():
-        files[prefix] = f
+    files.update(engine.input_files(mod, src_file, extra))
     return files, extra
+
+
+def _written_unchanged(entry: dict | None, out_path: str) -> bool:
+    """The output is the file this tool wrote: the manifest's size and mtime."""
+    if entry is None or not os.path.isfile(out_path):
+        return False
+    st = os.stat(out_path)
+    return (st.st_size, st.st_mtime_ns) == (entry.get("size"), entry.get("mtime_ns"))
 
 
 def up_to_date(entry: dict | None, files: dict[str, str], out_path: str, options: dict) -> bool:
@@ -170,10 +173,7 @@ def up_to_date(entry: dict | None, files: dict[str, str], out_path: str, options
         return False
     if entry.get("schema_version") != schema.schema_version():
         return False
-    if not os.path.isfile(out_path):
-        return False
-    st = os.stat(out_path)
-    if st.st_size != entry.get("size") or st.st_mtime_ns != entry.get("mtime_ns"):
+    if not _written_unchanged(entry, out_path):
         return False
     recs = entry.get("sources", {})
     return set(recs) == set(files) and all(_same_file(recs[r], p) for r, p in files.items())
@@ -233,8 +233,7 @@ def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dt
                 manifest["files"][item.out] = entry
                 continue
             # Replacing a file this tool wrote (listed in the manifest, unchanged since) needs no --force.
-            ours = entry is not None and os.path.isfile(out_path) and \
-                (os.path.getsize(out_path), os.stat(out_path).st_mtime_ns) == (entry.get("size"), entry.get("mtime_ns"))
+            ours = _written_unchanged(entry, out_path)
             p = engine.convert(item.kind, src, out_path, config, dtype, force or ours, quiet, allow_nonfinite, extra, model_opts)
             src_meta = json.loads(p.metadata["source"])
             digests = {"checkpoint": src_meta["sha256"], **{k: v["sha256"] for k, v in src_meta.get("extra", {}).items()}}

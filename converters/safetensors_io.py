@@ -95,7 +95,8 @@ class AtomicOutput:
     Data goes to an anonymous O_TMPFILE in the target folder where the filesystem
     supports it (a killed process then leaves nothing behind), else to a hidden
     temporary name that is removed on failure.  ``commit`` fsyncs, links the file in
-    under a temporary name and renames it over ``path`` in one step.
+    under a temporary name and renames it over ``path`` in one step.  Used as a
+    context manager, leaving the block without ``commit`` (an error) aborts.
     """
 
     def __init__(self, path: str):
@@ -127,6 +128,13 @@ class AtomicOutput:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+    def __enter__(self) -> "AtomicOutput":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
 
     def abort(self) -> None:
         try:
@@ -366,30 +374,24 @@ def write_stream(
     """
     tensors = layout(tensors)
     header = encode_header(tensors, metadata)
-    out = AtomicOutput(path)
-    stage = None
-    try:
+    with AtomicOutput(path) as out:
         stage = _Staging(out.fd)
-        stage.write_bytes(header)
-        for t in tensors:
-            x = t.produce()
-            want = (DTYPES[t.dtype][0], tuple(t.shape))
-            if (x.dtype, tuple(x.shape)) != want:
-                raise ConvertError(f"{path}: tensor {t.name!r} came out as {x.dtype} {tuple(x.shape)}, header says {want[0]} {want[1]} (converter bug)")
-            stage.write_tensor(x)
-            on_bytes(t.nbytes)
-            del x
-        stage.finish()
-        if finalize_metadata is not None:
-            final = encode_header(tensors, finalize_metadata())
-            if len(final) != len(header):
-                raise ConvertError(f"{path}: final header changed length (converter bug)")
-            _pwrite_all(out.fd, memoryview(final), 0)
-        stage.close()
-        stage = None
-        out.commit()
-    except BaseException:
-        if stage is not None:
+        try:
+            stage.write_bytes(header)
+            for t in tensors:
+                x = t.produce()
+                want = (DTYPES[t.dtype][0], tuple(t.shape))
+                if (x.dtype, tuple(x.shape)) != want:
+                    raise ConvertError(f"{path}: tensor {t.name!r} came out as {x.dtype} {tuple(x.shape)}, header says {want[0]} {want[1]} (converter bug)")
+                stage.write_tensor(x)
+                on_bytes(t.nbytes)
+                del x
+            stage.finish()
+            if finalize_metadata is not None:
+                final = encode_header(tensors, finalize_metadata())
+                if len(final) != len(header):
+                    raise ConvertError(f"{path}: final header changed length (converter bug)")
+                _pwrite_all(out.fd, memoryview(final), 0)
+        finally:
             stage.close()
-        out.abort()
-        raise
+        out.commit()

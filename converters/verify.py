@@ -18,7 +18,7 @@ import torch
 from . import engine, ops, schema
 from . import safetensors_io as stio
 from .errors import ConvertError
-from .sources import CombinedSource, open_source
+from .sources import open_source
 from .table import expand
 
 
@@ -51,9 +51,7 @@ def verify(src_path: str, out_path: str, extra: dict[str, str] | None = None, on
     prov = json.loads(header.metadata["provenance"])
     config = json.loads(header.metadata["config"])
     src_file, _ = engine.locate(mod, src_path, None, need_config=False)
-    main = open_source(src_file)
-    extra_files = mod.extra_sources(src_file, extra or {}) if hasattr(mod, "extra_sources") else {}
-    src = CombinedSource(main, {p: open_source(f) for p, f in extra_files.items()}) if extra_files else main
+    src = engine.combine(open_source(src_file), engine.input_files(mod, src_file, extra))
     regen = _regenerators(mod, config)
     rows: list[Row] = []
     try:
