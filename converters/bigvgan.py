@@ -22,8 +22,6 @@ from .table import Drop, row, wn
 
 KIND = "bigvgan"
 OUT_NAME = "bigvgan.safetensors"
-SOURCE_FILES = ("bigvgan_generator.pt", "bigvgan_generator.safetensors", "model.safetensors", "bigvgan.safetensors")
-CONFIG_NAME = "config.json"
 
 # Constants of upstream's Activation1d (alias_free_activation/torch/act.py): 2x
 # up-sampling and 2x down-sampling with 12-tap Kaiser-windowed sinc filters.

@@ -42,11 +42,8 @@ from .table import Drop, row
 
 KIND = "campplus"
 OUT_NAME = "campplus.safetensors"
-SOURCE_FILES = ("campplus_cn_common.bin",)
 # IndexTTS-2 hard-codes the hyperparameters: the config is optional (a JSON file of
 # constructor arguments, --config or campplus.json beside the source).
-CONFIG_NAME = "campplus.json"
-CONFIG_OPTIONAL = True
 
 # What IndexTTS-2 passes, and CAMPPlus's own defaults for the rest.
 INDEXTTS2_ARGS = {"feat_dim": 80, "embedding_size": 192}

@@ -65,9 +65,48 @@ def main():
 
 
 def _engine():
-    from . import engine
+    import gc
 
+    gc.disable()  # importing torch makes ~10^5 objects and no garbage: no collections meanwhile
+    try:
+        from . import engine
+    finally:
+        gc.enable()
     return engine
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The command-line entry point: run the command, then leave without the
+    interpreter's teardown, which costs about 0.25 s once torch is loaded.  Every
+    output is committed (fsynced and renamed into place) before a command returns."""
+    try:
+        main(args=argv, standalone_mode=True)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    from .hashing import shutdown
+
+    shutdown()
+    os._exit(code)
+
+
+def _hash_ahead(kind: str, src: str, config: str | None, extra: dict[str, str]) -> None:
+    """Start hashing the sources before torch is imported (about 1.3 s here), on the
+    otherwise idle core.  Path problems are left for the conversion to report."""
+    from .hashing import SERVICE
+
+    try:
+        src_file, _ = registry.locate(kind, src, config, need_config=False)
+    except ConvertError:
+        return
+    SERVICE.prefetch([src_file, *extra.values()])
 
 
 def _model_command(kind: str):
@@ -77,7 +116,8 @@ def _model_command(kind: str):
     def cmd(src, out_file, config, dtype, force, quiet, allow_nonfinite, **more):
         extra = {k: v for k, v in more.items() if k in files and v is not None}
         options = {k: v for k, v in more.items() if k in choices}
-        p = _engine().convert(kind, src, out_file, config, dtype, force, quiet, allow_nonfinite, extra, options)
+        _hash_ahead(kind, src, config, extra)
+        p, _ = _engine().convert(kind, src, out_file, config, dtype, force, quiet, allow_nonfinite, extra, options)
         if not quiet:
             click.echo(f"wrote {out_file} ({kind}, {len(p.plan.entries)} tensors, {len(p.plan.dropped)} dropped)")
 
@@ -216,16 +256,12 @@ def inspect_cmd(path, config):
     kind = None
     if os.path.isdir(path):
         for k in registry.MODELS:
-            try:
-                mod = engine.model_module(k)
-            except ConvertError:
-                continue  # converter not written yet
-            if any(os.path.isfile(os.path.join(path, n)) for n in mod.SOURCE_FILES):
+            if any(os.path.isfile(os.path.join(path, n)) for n in registry.SOURCE_FILES[k]):
                 kind = k
                 break
         if kind is None:
             raise ConvertError(f"{path}: no known checkpoint in this folder")
-        file, _ = engine.locate(engine.model_module(kind), path, config)
+        file, _ = registry.locate(kind, path, config)
     src = open_source(file)
     kind = detect(src.names()) or kind
     click.echo(f"{file}: {src.format} source, {len(src.shapes)} tensors, looks like: {kind or 'unknown model'}")

@@ -27,8 +27,6 @@ from .table import Drop, row
 
 KIND = "emotion-matrix"
 OUT_NAME = "emotion_matrix.safetensors"
-SOURCE_FILES = ("feat2.pt",)
-CONFIG_NAME = "config.yaml"
 TENSOR = "emo_matrix"
 
 DROPS: list[Drop] = []

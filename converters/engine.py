@@ -7,10 +7,11 @@ strict accounting) -> :func:`schema.check` on the planned header -> streaming wr
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
 import json
 import os
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,8 @@ import torch
 from . import ops, schema
 from . import safetensors_io as stio
 from .errors import ConvertError
-from .registry import CONVERTER_VERSION, MODELS, sha256_file  # noqa: F401 (re-exported)
+from .hashing import SERVICE as HASHES
+from .registry import CONVERTER_VERSION, MODELS, locate
 from .sources import CombinedSource, Source, open_source
 from .table import Plan, resolve
 
@@ -36,26 +38,6 @@ def model_module(kind: str):
         raise ConvertError(f"the {kind} converter does not exist yet") from None
 
 
-class _Hasher(threading.Thread):
-    """Hashes the source on the second core while the conversion runs."""
-
-    def __init__(self, path: str):
-        super().__init__(daemon=True)
-        self.path, self.digest, self.error = path, None, None
-
-    def run(self) -> None:
-        try:
-            self.digest = sha256_file(self.path)
-        except OSError as e:
-            self.error = e
-
-    def result(self) -> str:
-        self.join()
-        if self.error is not None:
-            raise ConvertError(f"{self.path}: cannot read while hashing: {self.error}")
-        return self.digest
-
-
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every element is finite.  Fast path: a NaN or an Inf anywhere makes the
     sum NaN or Inf (IEEE addition never turns them finite again), so a finite sum
@@ -67,28 +49,6 @@ def all_finite(t: torch.Tensor) -> bool:
     flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
     step = 1 << 22
     return all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step))
-
-
-def locate(kind_mod, src: str, config: str | None, need_config: bool = True) -> tuple[str, str]:
-    """The source file and config for a per-model SRC that may be a file or a folder."""
-    if os.path.isdir(src):
-        for name in kind_mod.SOURCE_FILES:
-            p = os.path.join(src, name)
-            if os.path.isfile(p):
-                src_file = p
-                break
-        else:
-            raise ConvertError(f"{src}: no {kind_mod.KIND} checkpoint in this folder (looked for {', '.join(kind_mod.SOURCE_FILES)})")
-    elif os.path.exists(src):
-        src_file = src
-    else:
-        raise ConvertError(f"{src}: no such file or folder")
-    cfg = config or os.path.join(os.path.dirname(os.path.abspath(src_file)), kind_mod.CONFIG_NAME)
-    if not config and not os.path.isfile(cfg) and getattr(kind_mod, "CONFIG_OPTIONAL", False):
-        return src_file, None  # no config file: the module's load_config(None) gives upstream's fixed values
-    if need_config and not os.path.isfile(cfg):
-        raise ConvertError(f"{cfg}: config not found (the {kind_mod.KIND} converter reads {kind_mod.CONFIG_NAME} beside the source; pass --config)")
-    return src_file, cfg
 
 
 def check_output_path(out: str, src_file: str, force: bool) -> None:
@@ -127,14 +87,16 @@ class Prepared:
     plan: Plan
     config: dict
     metadata: dict[str, str]
-    hashers: dict[str, _Hasher]
     files: dict[str, str]  # "" for the main source, else the extra source's prefix
 
 
 def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "keep", hash_source: bool = True,
             extra: dict[str, str] | None = None, options: dict[str, str] | None = None) -> Prepared:
+    """Open the sources, plan every output tensor and check the plan against the
+    schema; with ``hash_source``, the sources' sha256 are asked for (they may already
+    be running: the CLI asks before importing torch)."""
     mod = model_module(kind)
-    src_file, cfg_file = locate(mod, src_path, config_path)
+    src_file, cfg_file = locate(kind, src_path, config_path)
     raw = mod.load_config(cfg_file)
     # Options that change the canonical form (registry.CHOICES) go to runtime_config,
     # which records them in the metadata config.
@@ -151,11 +113,8 @@ def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "kee
     floats = sorted({stio.st_dtype(e.dtype) for e in plan.entries if e.dtype.is_floating_point})
     if len(floats) > 1:
         raise ConvertError(f"{src_file}: source mixes float dtypes {floats}; pass --dtype to choose one")
-    hashers = {}
     if hash_source:
-        for prefix, f in files.items():
-            hashers[prefix] = _Hasher(f)
-            hashers[prefix].start()
+        HASHES.prefetch(files.values())
     source = _file_info(src_file)
     if extra_files:
         source["extra"] = {p: _file_info(f) for p, f in extra_files.items()}
@@ -174,7 +133,7 @@ def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "kee
     errs = schema.check(kind, tensors, meta, src_file)
     if errs:
         raise ConvertError(f"{src_file}: the converted tensors would not match the schema:\n  " + "\n  ".join(errs[:20]))
-    return Prepared(kind, src, src_file, plan, config, meta, hashers, files)
+    return Prepared(kind, src, src_file, plan, config, meta, files)
 
 
 def _file_info(path: str) -> dict:
@@ -194,27 +153,47 @@ def _refuse_other_model(kind: str, src: Source) -> None:
         raise ConvertError(f"{src.path}: looks like a {seen} checkpoint, not {kind}; use `convert.py {seen}`")
 
 
+@contextlib.contextmanager
+def no_gc():
+    """The cyclic garbage collector paused: planning and writing create many small
+    objects and no cycles worth collecting, and its passes cost about 0.3 s of a
+    4 s gpt conversion here.  Tensors are freed by reference counting meanwhile."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def convert(kind: str, src_path: str, out_path: str, config_path: str | None = None, dtype: str = "keep",
             force: bool = False, quiet: bool = False, allow_nonfinite: bool = False,
-            extra: dict[str, str] | None = None, options: dict[str, str] | None = None) -> Prepared:
-    mod = model_module(kind)
-    src_file, _ = locate(mod, src_path, config_path)
+            extra: dict[str, str] | None = None, options: dict[str, str] | None = None,
+            hash_output: bool = False) -> tuple[Prepared, str | None]:
+    """Convert one model.  Returns the plan and, with ``hash_output``, the output's
+    sha256 (computed while writing: the header then waits for the source hashes)."""
+    src_file, _ = locate(kind, src_path, config_path)
     check_output_path(out_path, src_file, force)
-    p = prepare(kind, src_path, config_path, dtype, extra=extra, options=options)
-    for f in p.files.values():
-        if os.path.exists(out_path) and os.path.samefile(out_path, f):
-            raise ConvertError(f"{out_path}: is an input file (or a link to it); refusing to write over a source")
-    try:
-        write(p, out_path, quiet, allow_nonfinite)
-    finally:
-        p.src.close()
+    with no_gc():
+        p = prepare(kind, src_path, config_path, dtype, extra=extra, options=options)
+        for f in p.files.values():
+            if os.path.exists(out_path) and os.path.samefile(out_path, f):
+                raise ConvertError(f"{out_path}: is an input file (or a link to it); refusing to write over a source")
+        try:
+            digest = write(p, out_path, quiet, allow_nonfinite, hash_output)
+        finally:
+            p.src.close()
     _, errs = schema.check_file(out_path)
     if errs:
         raise ConvertError(f"{out_path}: written file fails the schema check (converter bug):\n  " + "\n  ".join(errs[:20]))
-    return p
+    return p, digest
 
 
-def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool) -> None:
+def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool, hash_output: bool = False) -> str | None:
+    """Stream the planned tensors to ``out_path``.  The source digests go into the
+    header: patched in at the end (the hash runs meanwhile), or, with ``hash_output``,
+    awaited before the header is written so the output can be hashed as it streams."""
     from tqdm import tqdm
 
     def producer(e):
@@ -227,12 +206,24 @@ def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool) -> Non
                     t = ops.apply(e.op, xs)
                 except ops.OpError as err:
                     raise ConvertError(f"{p.src_file}: {', '.join(e.sources)} -> {e.name}: {err}") from None
-            if t.is_floating_point() and not allow_nonfinite and not all_finite(t):
-                raise ConvertError(f"{p.src_file}: tensor {', '.join(e.sources) or e.name} has NaN or Inf values (-> {e.name}); pass --allow-nonfinite to convert anyway")
             return t.to(e.dtype)
         return produce
 
-    outs = [stio.OutTensor(e.name, stio.st_dtype(e.dtype, e.name), e.shape, producer(e)) for e in p.plan.entries]
+    def checker(e):
+        # NaN/Inf are looked for in the output values, piece by piece as they are staged
+        # (contiguous and in the CPU cache there: cheaper than a pass over the source).
+        if allow_nonfinite or not e.dtype.is_floating_point:
+            return None
+        cast = bool(e.sources) and p.src.dtypes[e.sources[-1]] != e.dtype
+
+        def check(staged: torch.Tensor) -> None:
+            if not all_finite(staged):
+                how = f" after the cast to {stio.st_dtype(e.dtype)}" if cast else ""
+                raise ConvertError(f"{p.src_file}: tensor {', '.join(e.sources) or e.name} has NaN or Inf values{how} "
+                                   f"(-> {e.name}); pass --allow-nonfinite to convert anyway")
+        return check
+
+    outs = [stio.OutTensor(e.name, stio.st_dtype(e.dtype, e.name), e.shape, producer(e), checker(e)) for e in p.plan.entries]
     total = sum(o.nbytes for o in outs)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{p.kind} -> {os.path.basename(out_path)}",
                disable=True if quiet else None, leave=False)  # None: off when stderr is not a terminal
@@ -240,7 +231,10 @@ def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool) -> Non
     def final_meta() -> dict[str, str]:
         info = json.loads(p.metadata["source"])
         for prefix, f in p.files.items():
-            digest = p.hashers[prefix].result() if prefix in p.hashers else sha256_file(f)
+            try:
+                digest = HASHES.digest(f)
+            except OSError as e:
+                raise ConvertError(f"{f}: cannot read while hashing: {e.strerror or e}") from None
             (info if prefix == "" else info["extra"][prefix])["sha256"] = digest
         p.metadata["source"] = _dumps(info)
         return p.metadata
@@ -251,7 +245,10 @@ def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool) -> Non
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        if hash_output:
+            return stio.write_stream(out_path, outs, final_meta(), bar.update, hash_output=True)
         stio.write_stream(out_path, outs, p.metadata, bar.update, final_meta)
+        return None
     except OSError as e:
         raise ConvertError(f"{out_path}: write failed: {e.strerror or e}; nothing was written there") from None
     finally:

@@ -39,8 +39,6 @@ from .table import WB, Drop, Row, keep, row
 
 KIND = "gpt"
 OUT_NAME = "gpt.safetensors"
-SOURCE_FILES = ("gpt.pth", "gpt.safetensors")
-CONFIG_NAME = "config.yaml"
 
 # Constants of the upstream classes (not settable from config.yaml):
 COND_INPUT_SIZE = 1024          # UnifiedVoice passes input_size=1024 to both ConformerEncoders

@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
-import hashlib
+import os
+
+from .errors import ConvertError
+from .hashing import sha256_file  # noqa: F401 (re-exported)
 
 CONVERTER_VERSION = "0.1.0"
 
@@ -42,11 +45,49 @@ CHOICES: dict[str, dict[str, tuple[tuple[str, ...], str, str]]] = {
 }
 
 
-def sha256_file(path: str, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
+# Where a per-model SRC folder holds the checkpoint (first match wins), and the config
+# file read beside it: (file name, optional).  An optional config that is absent means
+# the module's upstream defaults (CAMPPlus: infer_v2 hard-codes its constructor args).
+SOURCE_FILES: dict[str, tuple[str, ...]] = {
+    "gpt": ("gpt.pth", "gpt.safetensors"),
+    "s2mel": ("s2mel.pth", "s2mel.safetensors"),
+    "w2v-bert": ("model.safetensors",),
+    "bigvgan": ("bigvgan_generator.pt", "bigvgan_generator.safetensors", "model.safetensors", "bigvgan.safetensors"),
+    "speaker-matrix": ("feat1.pt",),
+    "emotion-matrix": ("feat2.pt",),
+    "semantic-codec": ("model.safetensors", "semantic_codec.safetensors"),
+    "campplus": ("campplus_cn_common.bin",),
+}
+CONFIG_FILES: dict[str, tuple[str, bool]] = {
+    "gpt": ("config.yaml", False),
+    "s2mel": ("config.yaml", False),
+    "w2v-bert": ("config.json", False),
+    "bigvgan": ("config.json", False),
+    "speaker-matrix": ("config.yaml", False),
+    "emotion-matrix": ("config.yaml", False),
+    "semantic-codec": ("config.yaml", False),
+    "campplus": ("campplus.json", True),
+}
+
+
+def locate(kind: str, src: str, config: str | None, need_config: bool = True) -> tuple[str, str | None]:
+    """The source file and config for a per-model SRC that may be a file or a folder."""
+    if os.path.isdir(src):
+        for name in SOURCE_FILES[kind]:
+            p = os.path.join(src, name)
+            if os.path.isfile(p):
+                src_file = p
+                break
+        else:
+            raise ConvertError(f"{src}: no {kind} checkpoint in this folder (looked for {', '.join(SOURCE_FILES[kind])})")
+    elif os.path.exists(src):
+        src_file = src
+    else:
+        raise ConvertError(f"{src}: no such file or folder")
+    name, optional = CONFIG_FILES[kind]
+    cfg = config or os.path.join(os.path.dirname(os.path.abspath(src_file)), name)
+    if not config and optional and not os.path.isfile(cfg):
+        return src_file, None  # no config file: the module's load_config(None) gives upstream's fixed values
+    if need_config and not os.path.isfile(cfg):
+        raise ConvertError(f"{cfg}: config not found (the {kind} converter reads {name} beside the source; pass --config)")
+    return src_file, cfg

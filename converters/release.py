@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 from . import schema
 from .errors import ConvertError
-from .registry import CHOICES, CONVERTER_VERSION, EXTRA_FILES, sha256_file
+from .hashing import SERVICE as HASHES
+from .hashing import sha256_file
+from .registry import CHOICES, CONVERTER_VERSION, EXTRA_FILES, locate
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -35,16 +37,19 @@ class Item:
     release_config: str | None = None  # config file taken from the release folder
 
 
+# Conversion order: smallest sources first and gpt last.  Each output's header waits for
+# its source's sha256 (so the output can be hashed as it streams); the sources are
+# hashed in this order from the start, and small models convert meanwhile.
 ITEMS: list[Item] = [
-    Item("gpt", "gpt.safetensors", "gpt.pth"),
-    Item("s2mel", "s2mel.safetensors", "s2mel.pth"),
-    Item("w2v-bert", "w2v_bert.safetensors", "w2v-bert-2.0", hf=("facebook/w2v-bert-2.0", ""), flag="w2v_bert"),
-    Item("bigvgan", "bigvgan.safetensors", "bigvgan", hf=("nvidia/bigvgan_v2_22khz_80band_256x", ""), flag="bigvgan"),
     Item("speaker-matrix", "speaker_matrix.safetensors", "feat1.pt"),
     Item("emotion-matrix", "emotion_matrix.safetensors", "feat2.pt"),
+    Item("campplus", "campplus.safetensors", "campplus", hf=("funasr/campplus", ""), flag="campplus"),
     Item("semantic-codec", "semantic_codec.safetensors", "MaskGCT/semantic_codec", hf=("amphion/MaskGCT", "semantic_codec"),
          flag="semantic_codec", release_config="config.yaml"),
-    Item("campplus", "campplus.safetensors", "campplus", hf=("funasr/campplus", ""), flag="campplus"),
+    Item("bigvgan", "bigvgan.safetensors", "bigvgan", hf=("nvidia/bigvgan_v2_22khz_80band_256x", ""), flag="bigvgan"),
+    Item("s2mel", "s2mel.safetensors", "s2mel.pth"),
+    Item("w2v-bert", "w2v_bert.safetensors", "w2v-bert-2.0", hf=("facebook/w2v-bert-2.0", ""), flag="w2v_bert"),
+    Item("gpt", "gpt.safetensors", "gpt.pth"),
 ]
 
 
@@ -108,7 +113,7 @@ def find_source(item: Item, release_dir: str, flags: dict[str, str | None]) -> t
 
 def fingerprint(path: str, digest: str | None = None) -> dict:
     st = os.stat(path)
-    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest or sha256_file(path)}
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest or HASHES.digest(path)}
 
 
 def read_manifest(out_dir: str) -> dict | None:
@@ -142,7 +147,7 @@ def _same_file(rec: dict, path: str) -> bool:
         return False
     if st.st_mtime_ns == rec.get("mtime_ns"):
         return True
-    return sha256_file(path) == rec.get("sha256")
+    return HASHES.digest(path) == rec.get("sha256")
 
 
 def _inputs(item: Item, src: str, release_dir: str, config: str | None) -> tuple[dict[str, str], dict[str, str]]:
@@ -150,14 +155,38 @@ def _inputs(item: Item, src: str, release_dir: str, config: str | None) -> tuple
     from . import engine
 
     mod = engine.model_module(item.kind)
-    # Extra source files (registry.EXTRA_FILES) are taken from the release folder.
-    extra = {opt: os.path.join(release_dir, f) for opt, (_, f) in EXTRA_FILES.get(item.kind, {}).items()}
-    src_file, cfg_file = engine.locate(mod, src, config)
+    extra = _extra(item, release_dir)
+    src_file, cfg_file = locate(item.kind, src, config)
     files = {"checkpoint": src_file}
     if cfg_file is not None:  # CAMPPlus has no upstream config file
         files["config"] = cfg_file
     files.update(engine.input_files(mod, src_file, extra))
     return files, extra
+
+
+def _extra(item: Item, release_dir: str) -> dict[str, str]:
+    """Extra source files (registry.EXTRA_FILES), taken from the release folder."""
+    return {opt: os.path.join(release_dir, f) for opt, (_, f) in EXTRA_FILES.get(item.kind, {}).items()}
+
+
+def _hash_ahead(items, release_dir: str, old: dict, out_dir: str, options_of) -> None:
+    """Ask for the sha256 of every source that may need converting, in conversion
+    order, before torch is imported.  Torch-free and cheap: an output whose manifest
+    entry matches (options, versions, output file, checkpoint size and mtime) is
+    skipped; the exact up-to-date test comes later."""
+    for item, src, config in items:
+        try:
+            src_file, cfg_file = locate(item.kind, src, config, need_config=False)
+        except ConvertError:
+            continue  # reported by the conversion
+        entry = old["files"].get(item.out)
+        rec = (entry or {}).get("sources", {}).get("checkpoint", {})
+        if (entry and entry.get("options") == options_of(item) and entry.get("converter_version") == CONVERTER_VERSION
+                and _written_unchanged(entry, os.path.join(out_dir, item.out)) and rec.get("path") == src_file
+                and os.path.isfile(src_file)
+                and (os.path.getsize(src_file), os.stat(src_file).st_mtime_ns) == (rec.get("size"), rec.get("mtime_ns"))):
+            continue
+        HASHES.prefetch([src_file, cfg_file, *_extra(item, release_dir).values()])
 
 
 def _written_unchanged(entry: dict | None, out_path: str) -> bool:
@@ -189,72 +218,57 @@ def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dt
                 quiet: bool, allow_nonfinite: bool, echo=print, choices: dict[str, str] | None = None) -> dict:
     """Convert every item; ``choices`` are model options (``profile``) applied to the
     models that take them."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from . import engine
-
     choices = choices or {}
     if not os.path.isdir(release_dir):
         raise ConvertError(f"{release_dir}: release folder not found")
-    for item in ITEMS:
-        engine.model_module(item.kind)  # a converter that does not exist yet fails before any work
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConvertError(f"{out_dir}: exists and is not a folder")
-    os.makedirs(out_dir, exist_ok=True)
-    old = read_manifest(out_dir) or {"files": {}}
-    plan = []
+    found = []
     for item in ITEMS:  # find every source before converting anything
         src, how = find_source(item, release_dir, flags)
         config = os.path.join(release_dir, item.release_config) if item.release_config else None
-        files, extra = _inputs(item, src, release_dir, config)
+        found.append((item, src, config))
         echo(f"{item.kind}: {src} ({how})")
-        plan.append((item, src, config, files, extra))
+    old = read_manifest(out_dir) or {"files": {}}
+    _hash_ahead(found, release_dir, old, out_dir, lambda item: _options(item, dtype, allow_nonfinite, choices)[0])
+
+    from . import engine  # imports torch (about a second, while the hashing runs)
+
+    for item in ITEMS:
+        engine.model_module(item.kind)  # a converter that does not exist yet fails before any work
+    plan = [(item, src, config, *_inputs(item, src, release_dir, config)) for item, src, config in found]
+    os.makedirs(out_dir, exist_ok=True)
     manifest = {"manifest_version": MANIFEST_VERSION, "schema": schema.SCHEMA_NAME, "schema_version": schema.schema_version(),
                 "converter_version": CONVERTER_VERSION,
                 "options": {"dtype": dtype, "allow_nonfinite": allow_nonfinite, **choices}, "files": {}}
-    # Each new output is hashed on a worker thread while the next model converts; an
-    # entry whose hash is still running is recorded with "sha256": null until then.
-    hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifest-hash")
-    pending: dict[str, object] = {}
-
-    def collect(wait: bool) -> None:
-        for name, fut in list(pending.items()):
-            if wait or fut.done():
-                manifest["files"][name]["sha256"] = fut.result()
-                del pending[name]
-
-    try:
-        for item, src, config, files, extra in plan:
-            out_path = os.path.join(out_dir, item.out)
-            entry = old["files"].get(item.out)
-            options, model_opts = _options(item, dtype, allow_nonfinite, choices)
-            if up_to_date(entry, files, out_path, options):
-                echo(f"up to date: {out_path}")
-                manifest["files"][item.out] = entry
-                continue
-            # Replacing a file this tool wrote (listed in the manifest, unchanged since) needs no --force.
-            ours = _written_unchanged(entry, out_path)
-            p = engine.convert(item.kind, src, out_path, config, dtype, force or ours, quiet, allow_nonfinite, extra, model_opts)
-            src_meta = json.loads(p.metadata["source"])
-            digests = {"checkpoint": src_meta["sha256"], **{k: v["sha256"] for k, v in src_meta.get("extra", {}).items()}}
-            st = os.stat(out_path)
-            manifest["files"][item.out] = {
-                "model": item.kind,
-                "sha256": None,
-                "size": st.st_size,
-                "mtime_ns": st.st_mtime_ns,
-                "schema_version": schema.schema_version(),
-                "converter_version": CONVERTER_VERSION,
-                "options": options,
-                "sources": {role: fingerprint(f, digests.get(role)) for role, f in files.items()},
-            }
-            pending[item.out] = hashing.submit(sha256_file, out_path)
-            echo(f"wrote {out_path} ({item.kind}, {len(p.plan.entries)} tensors, {len(p.plan.dropped)} dropped)")
-            collect(wait=False)
-            write_manifest(out_dir, {**manifest, "files": {**old["files"], **manifest["files"]}})
-        collect(wait=True)
-    finally:
-        hashing.shutdown(wait=True)
+    for item, src, config, files, extra in plan:
+        out_path = os.path.join(out_dir, item.out)
+        entry = old["files"].get(item.out)
+        options, model_opts = _options(item, dtype, allow_nonfinite, choices)
+        if up_to_date(entry, files, out_path, options):
+            echo(f"up to date: {out_path}")
+            manifest["files"][item.out] = entry
+            continue
+        # Replacing a file this tool wrote (listed in the manifest, unchanged since) needs no --force.
+        ours = _written_unchanged(entry, out_path)
+        # The output's sha256 is computed while it is written (no second read).
+        p, digest = engine.convert(item.kind, src, out_path, config, dtype, force or ours, quiet, allow_nonfinite, extra,
+                                   model_opts, hash_output=True)
+        src_meta = json.loads(p.metadata["source"])
+        digests = {"checkpoint": src_meta["sha256"], **{k: v["sha256"] for k, v in src_meta.get("extra", {}).items()}}
+        st = os.stat(out_path)
+        manifest["files"][item.out] = {
+            "model": item.kind,
+            "sha256": digest,
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "schema_version": schema.schema_version(),
+            "converter_version": CONVERTER_VERSION,
+            "options": options,
+            "sources": {role: fingerprint(f, digests.get(role)) for role, f in files.items()},
+        }
+        echo(f"wrote {out_path} ({item.kind}, {len(p.plan.entries)} tensors, {len(p.plan.dropped)} dropped)")
+        write_manifest(out_dir, {**manifest, "files": {**old["files"], **manifest["files"]}})
     write_manifest(out_dir, manifest)
     return manifest
 

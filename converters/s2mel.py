@@ -50,8 +50,6 @@ from .table import Drop, Row, row, wn
 
 KIND = "s2mel"
 OUT_NAME = "s2mel.safetensors"
-SOURCE_FILES = ("s2mel.pth", "s2mel.safetensors")
-CONFIG_NAME = "config.yaml"
 
 # Constants hard-coded in upstream's classes (not in config.yaml).
 BLOCK_SIZE = 16384  # DiT builds ModelArgs(block_size=16384) whatever DiT.block_size says

@@ -63,6 +63,7 @@ class OutTensor:
     dtype: str
     shape: tuple[int, ...]
     produce: Callable[[], torch.Tensor]
+    check: Callable[[torch.Tensor], None] | None = None  # called on each staged piece (see _Staging)
 
     @property
     def nbytes(self) -> int:
@@ -203,45 +204,95 @@ def _umask() -> int:
     return m
 
 
-# Staging for the streaming writer: page-aligned buffers, filled by the caller's thread
+# Staging for the streaming writer: page-aligned buffers, filled by worker threads
 # while a writer thread writes the previous one.
-STAGE_BYTES = 16 << 20  # per buffer (two are used); a multiple of ALIGN
+STAGE_BYTES = 32 << 20  # per buffer (two are used); a multiple of ALIGN
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffer addresses aligned to the block size
-WHOLE_BYTES = 64 << 20  # a non-contiguous tensor up to this size is made contiguous in one go
-PIECE_BYTES = 4 << 20  # a larger one is copied into staging this many bytes at a time
+WHOLE_BYTES = STAGE_BYTES - ALIGN  # a non-contiguous tensor up to this size is copied into staging in one go
+PIECE_BYTES = 1 << 20  # larger copies go piece by piece (each piece checked while in the CPU cache)
+FILL_THREADS = 2  # threads copying into staging (torch releases the GIL while copying)
+
+Check = Callable[[torch.Tensor], None]
+
+
+def _fill(dst: torch.Tensor, src: torch.Tensor, check: Check | None) -> None:
+    """Copy src into the staged region dst, then check it, piece by piece where both
+    are contiguous."""
+    if src.is_contiguous() and dst.numel() * dst.element_size() > PIECE_BYTES:
+        d, s_ = dst.reshape(-1), src.reshape(-1)
+        step = max(1, PIECE_BYTES // dst.element_size())
+        for i in range(0, d.numel(), step):
+            d[i:i + step].copy_(s_[i:i + step])
+            if check is not None:
+                check(d[i:i + step])
+        return
+    dst.copy_(src)
+    if check is not None:
+        check(dst)
 
 
 class _Staging:
     """Sequential writer of one file through two page-aligned buffers.
 
-    The file offset of every full buffer is a multiple of ``STAGE_BYTES``, so the
-    data can go to the device with ``O_DIRECT`` where the filesystem allows it: no
-    page-cache copy of the output (buffered writes of a multi-GB file followed by
-    fsync are several times slower than the device on some machines).  The unaligned
-    tail and the final header are written through the page cache afterwards; the
-    caller's fsync covers both.  Without ``O_DIRECT`` the same pipeline writes through
-    the page cache.  Write errors surface on the caller's thread, at the next hand-off
-    or in :meth:`finish`.
+    The caller's thread lays tensors out in the current buffer and hands each region
+    to ``FILL_THREADS`` worker threads, which copy (and transpose) the tensor into it
+    and run its ``check``; a writer thread writes the other buffer meanwhile.  Copies
+    of different tensors run in parallel (a transposing copy is bound by memory
+    latency, and two of them run nearly twice as fast as one).
+
+    Every write starts at a multiple of ``ALIGN`` and has a length that is one (a
+    buffer handed over early keeps its unaligned tail, which moves to the front of the
+    next buffer), so the data can go to the device with ``O_DIRECT`` where the
+    filesystem allows it: no page-cache copy of the output (buffered writes of a
+    multi-GB file followed by fsync are several times slower than the device on some
+    machines).  The unaligned end of the file and a patched header are written through
+    the page cache; the caller's fsync covers both.  Without ``O_DIRECT`` the same
+    pipeline writes through the page cache.
+
+    With a ``hasher`` (a ``hashlib`` object) the file's bytes are also hashed, in file
+    order, on another thread while they are written: no second read of the output.
+    ``check``, given per tensor, is called on each staged piece of it (a contiguous
+    view in the output dtype).  Errors from the workers (a failed check, a write
+    error) surface on the caller's thread at the next hand-off or in :meth:`finish`.
     """
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, hasher=None):
         import mmap
         from concurrent.futures import ThreadPoolExecutor
 
+        assert STAGE_BYTES % ALIGN == 0
+        self.whole = min(WHOLE_BYTES, STAGE_BYTES - ALIGN)  # fits a buffer after an early hand-over
         self.fd = fd
         self.direct = _set_direct(fd, True)
         self.bufs = [mmap.mmap(-1, STAGE_BYTES) for _ in range(2)]
         self.views = [torch.frombuffer(b, dtype=torch.uint8) for b in self.bufs]
-        self.pending = [None, None]
+        self.filling: list[list] = [[], []]  # per buffer: copy tasks into it
+        self.pending: list[list] = [[], []]  # per buffer: its write (and hash)
+        self.fill_pool = ThreadPoolExecutor(max_workers=FILL_THREADS, thread_name_prefix="stage-fill")
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-writer")
-        self.cur, self.pos, self.offset = 0, 0, 0  # current buffer, bytes in it, its file offset
+        self.hasher = hasher
+        self.hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="output-hash") if hasher is not None else None
+        self.cur, self.pos, self.offset = 0, 0, 0  # current buffer, bytes laid out in it, its file offset
 
     def _flush(self) -> None:
+        """Hand the current buffer's aligned part to the writer (and the hasher) once
+        its copies are done, and carry its tail (< ALIGN bytes) to the front of the
+        other buffer."""
         k, n = self.cur, self.pos
-        self.pending[k] = self.pool.submit(self._write, memoryview(self.bufs[k])[:n], self.offset)
-        self.offset += n
-        self.cur, self.pos = 1 - k, 0
+        cut = n - n % ALIGN
+        if cut == 0:
+            return
+        self._settle(k)
+        data = memoryview(self.bufs[k])[:cut]
+        self.pending[k] = [self.pool.submit(self._write, data, self.offset)]
+        if self.hash_pool is not None:
+            self.pending[k].append(self.hash_pool.submit(self.hasher.update, data))
+        self.offset += cut
+        self.cur = 1 - k
         self._wait(self.cur)
+        self.pos = n - cut
+        if self.pos:
+            self.views[self.cur][:self.pos].copy_(self.views[k][cut:n])
 
     def _write(self, data: memoryview, offset: int) -> None:
         try:
@@ -254,75 +305,93 @@ class _Staging:
             self.direct = False
             _pwrite_all(self.fd, data, offset)
 
-    def _wait(self, k: int) -> None:
-        f, self.pending[k] = self.pending[k], None
-        if f is not None:
+    def _settle(self, k: int) -> None:
+        futs, self.filling[k] = self.filling[k], []
+        for f in futs:
             f.result()
+
+    def _wait(self, k: int) -> None:
+        futs, self.pending[k] = self.pending[k], []
+        for f in futs:
+            f.result()
+
+    def _place(self, src: torch.Tensor, check: Check | None) -> None:
+        """Lay src (its bytes fit the current buffer) out at the current position and
+        queue its copy."""
+        nb = src.numel() * src.element_size()
+        dst = self.views[self.cur][self.pos:self.pos + nb].view(src.dtype).view(src.shape)
+        self.filling[self.cur].append(self.fill_pool.submit(_fill, dst, src, check))
+        self.pos += nb
+        if self.pos == STAGE_BYTES:
+            self._flush()
 
     def write_bytes(self, data: bytes) -> None:
         self.write_tensor(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
-    def write_tensor(self, x: torch.Tensor) -> None:
-        """Append x's bytes (in row-major order, whatever its strides)."""
+    def write_tensor(self, x: torch.Tensor, check: Check | None = None) -> None:
+        """Append x's bytes (in row-major order, whatever its strides).  x must not
+        change until the copy is done (at the hand-off of its buffer)."""
         if x.numel() == 0:
             return
+        size = x.element_size()
         if x.is_contiguous():
-            flat = x.reshape(-1).view(torch.uint8)
+            flat = x.reshape(-1)
             i, n = 0, flat.numel()
             while i < n:
-                k = min(n - i, STAGE_BYTES - self.pos)
-                self.views[self.cur][self.pos:self.pos + k].copy_(flat[i:i + k])
+                k = min(n - i, (STAGE_BYTES - self.pos) // size)
+                self._place(flat[i:i + k], check)
                 i += k
-                self.pos += k
-                if self.pos == STAGE_BYTES:
-                    self._flush()
             return
-        if x.numel() * x.element_size() <= WHOLE_BYTES:
-            # torch's copy of a whole transposed matrix is blocked and fast; copies of
-            # row slices of it are 5-20x slower.  One temporary of at most WHOLE_BYTES.
-            self.write_tensor(x.contiguous())
+        nb = x.numel() * size
+        if nb <= self.whole:
+            # One copy into the buffer: torch transposes a whole matrix in cache-sized
+            # blocks (copies of row slices of a transposed matrix are 4-10x slower).
+            if nb > STAGE_BYTES - self.pos:
+                self._flush()  # early hand-over: the buffer is then (nearly) empty
+            self._place(x, check)
             return
-        if x.dim() == 1:  # a strided 1-D view: small pieces made contiguous
-            step = max(1, PIECE_BYTES // x.element_size())
+        if x.dim() == 1:  # a strided 1-D view: pieces made contiguous
+            step = max(1, PIECE_BYTES // size)
             for i in range(0, x.shape[0], step):
-                self.write_tensor(x[i:i + step].contiguous())
+                self.write_tensor(x[i:i + step].contiguous(), check)
             return
-        # Blocks of rows, copied straight into the buffer (one strided copy, no temporary)
-        # where they fit, else made contiguous first.
-        row = x[0].numel() * x.element_size()
+        # Blocks of rows, each copied straight into the buffer where it fits.
+        row = x[0].numel() * size
         step = max(1, PIECE_BYTES // max(row, 1))
         for i in range(0, x.shape[0], step):
             piece = x[i:i + step]
-            nb = piece.numel() * x.element_size()
-            if nb <= STAGE_BYTES - self.pos:
-                dst = self.views[self.cur][self.pos:self.pos + nb].view(x.dtype).view(piece.shape)
-                dst.copy_(piece)
-                self.pos += nb
-                if self.pos == STAGE_BYTES:
-                    self._flush()
+            if piece.numel() * size <= STAGE_BYTES - self.pos:
+                self._place(piece, check)
             elif row > PIECE_BYTES:
                 for r in piece:
-                    self.write_tensor(r)
+                    self.write_tensor(r, check)
             else:
-                self.write_tensor(piece.contiguous())
+                self.write_tensor(piece.contiguous(), check)
 
     def finish(self) -> None:
-        """Write what is left and wait for every write."""
+        """Write (and hash) what is left, and wait for every write."""
         k, n = self.cur, self.pos
+        self._settle(k)
         self._wait(1 - k)
+        data = memoryview(self.bufs[k])[:n]
+        if self.hasher is not None:
+            self.hasher.update(data)
         aligned = n - n % ALIGN if self.direct else n
         if aligned:
-            self._write(memoryview(self.bufs[k])[:aligned], self.offset)
+            self._write(data[:aligned], self.offset)
             aligned = n - n % ALIGN if self.direct else n
         if self.direct:
             _set_direct(self.fd, False)
         if n > aligned:
-            _pwrite_all(self.fd, memoryview(self.bufs[k])[aligned:n], self.offset + aligned)
+            _pwrite_all(self.fd, data[aligned:n], self.offset + aligned)
         self.offset += n
         self.pos = 0
 
     def close(self) -> None:
+        self.fill_pool.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True)
+        if self.hash_pool is not None:
+            self.hash_pool.shutdown(wait=True)
         self.views, self.bufs = [], []
         if self.direct:
             try:
@@ -362,20 +431,30 @@ def write_stream(
     metadata: dict[str, str],
     on_bytes: Callable[[int], None] = lambda n: None,
     finalize_metadata: Callable[[], dict[str, str]] | None = None,
-) -> None:
+    hash_output: bool = False,
+) -> str | None:
     """Write a safetensors file tensor by tensor, atomically.
 
     The header goes first, then each tensor is produced, checked against the header,
-    copied into a staging buffer (see :class:`_Staging`) and dropped, so memory stays
-    at one tensor (plus the op's temporaries) and two staging buffers.
+    copied into a staging buffer (see :class:`_Staging`), checked there with its
+    ``check`` and dropped, so memory stays at one tensor (plus the op's temporaries)
+    and two staging buffers.
+
     ``finalize_metadata``, if given, is called after all data is written and must
     return metadata whose encoded header has exactly the same length (used to fill in
     a source hash computed while converting); the header is then rewritten in place.
+    With ``hash_output`` (metadata final from the start) the file's sha256 is computed
+    from the staged bytes and returned.
     """
+    import hashlib
+
+    if hash_output and finalize_metadata is not None:
+        raise ValueError("hash_output needs the final metadata up front")
     tensors = layout(tensors)
     header = encode_header(tensors, metadata)
+    hasher = hashlib.sha256() if hash_output else None
     with AtomicOutput(path) as out:
-        stage = _Staging(out.fd)
+        stage = _Staging(out.fd, hasher)
         try:
             stage.write_bytes(header)
             for t in tensors:
@@ -383,7 +462,7 @@ def write_stream(
                 want = (DTYPES[t.dtype][0], tuple(t.shape))
                 if (x.dtype, tuple(x.shape)) != want:
                     raise ConvertError(f"{path}: tensor {t.name!r} came out as {x.dtype} {tuple(x.shape)}, header says {want[0]} {want[1]} (converter bug)")
-                stage.write_tensor(x)
+                stage.write_tensor(x, t.check)
                 on_bytes(t.nbytes)
                 del x
             stage.finish()
@@ -395,3 +474,4 @@ def write_stream(
         finally:
             stage.close()
         out.commit()
+    return hasher.hexdigest() if hasher is not None else None

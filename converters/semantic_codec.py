@@ -37,8 +37,6 @@ from .table import Drop, row, wn
 
 KIND = "semantic-codec"
 OUT_NAME = "semantic_codec.safetensors"
-SOURCE_FILES = ("model.safetensors", "semantic_codec.safetensors")
-CONFIG_NAME = "config.yaml"
 
 # RepCodec's constructor defaults (used for keys the config section leaves out).
 DEFAULTS = {"codebook_size": 8192, "hidden_size": 1024, "codebook_dim": 8, "vocos_dim": 384,

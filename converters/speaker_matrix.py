@@ -30,8 +30,6 @@ from .table import Drop, row
 
 KIND = "speaker-matrix"
 OUT_NAME = "speaker_matrix.safetensors"
-SOURCE_FILES = ("feat1.pt",)
-CONFIG_NAME = "config.yaml"
 TENSOR = "spk_matrix"
 
 DROPS: list[Drop] = []

@@ -50,7 +50,7 @@ def verify(src_path: str, out_path: str, extra: dict[str, str] | None = None, on
     mod = engine.model_module(kind)
     prov = json.loads(header.metadata["provenance"])
     config = json.loads(header.metadata["config"])
-    src_file, _ = engine.locate(mod, src_path, None, need_config=False)
+    src_file, _ = engine.locate(kind, src_path, None, need_config=False)
     src = engine.combine(open_source(src_file), engine.input_files(mod, src_file, extra))
     regen = _regenerators(mod, config)
     rows: list[Row] = []

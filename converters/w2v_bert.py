@@ -51,8 +51,6 @@ from .table import WB, Drop, keep, row
 
 KIND = "w2v-bert"
 OUT_NAME = "w2v_bert.safetensors"
-SOURCE_FILES = ("model.safetensors",)
-CONFIG_NAME = "config.json"
 
 STATS_FILES = ("wav2vec2bert_stats.pt", "wav2vec2bert_stats.safetensors")
 # The --stats option and its release-folder default are declared in registry.EXTRA_FILES.
