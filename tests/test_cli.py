@@ -145,6 +145,18 @@ def test_nonfinite_refused_unless_allowed(tmp_path, release):
     run_cli("check", out)
 
 
+def test_overflow_in_the_cast_is_refused(tmp_path, release):
+    """Finite source values that --dtype float16 turns into Inf are caught too (the
+    check runs on the output values), and the message says the cast did it."""
+    sd = _state(release)
+    sd["conv_pre.bias"][0] = 1e6  # float16 max is 65504
+    src = _variant(tmp_path, release, sd)
+    out = tmp_path / "o.safetensors"
+    assert_refused(run_cli("bigvgan", src, out, "--dtype", "float16", expect=None), "conv_pre.bias", "after the cast to F16")
+    assert not out.exists()
+    run_cli("bigvgan", src, out, "--quiet")  # float32 keeps the value
+
+
 def test_debug_shows_traceback(tmp_path):
     p = run_cli("bigvgan", tmp_path / "nope", tmp_path / "o.safetensors", "--debug", expect=None)
     assert p.returncode != 0 and "Traceback" in p.stderr
