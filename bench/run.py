@@ -11,16 +11,17 @@ Conversions and their copy baselines alternate, so a noisy neighbour hurts both.
    its inputs and syncing each copy.  Target: ratio <= 1.2.
 2. Memory: peak anonymous resident memory (``RssAnon`` in ``/proc/PID/status``:
    private, non-file-backed pages, interpreter included; page-cache and mmap pages of
-   files are not counted) of ``convert.py gpt``, sampled every ``POLL_S`` seconds by
-   this process.  A spike shorter than the interval could be missed; tensors live for
+   files are not counted) of ``convert.py gpt`` plus its hashing child process,
+   summed and sampled every ``POLL_S`` seconds by this process.  A spike shorter than the interval could be missed; tensors live for
    at least the time it takes to write them, and the largest (0.5 GB) take far longer
    than that.  Reference row: a naive converter (torch.load, a dict, save_file).
    Target: < 512 MiB.
 3. ``convert.py check`` on the four outputs: wall time of the command.  Target: < 1 s.
 4. Runtime load, in a fresh process per side, timed inside it (imports excluded):
    ``safetensors.torch.load_file`` of the canonical file, then one read of every byte
-   of every tensor (a copy into a scratch buffer, as a copy to a device would read
-   it: mmap-backed tensors count only once read), against ``torch.load``
+   of every tensor (copied piece by piece through a 1 MiB staging buffer, as a copy
+   to a device reads host memory: mmap-backed tensors count only once read), against
+   ``torch.load``
    of the upstream file plus the transforms a port has to do (the file's own
    provenance op chains applied with ``converters.ops.apply``, each result made
    contiguous).  Target: canonical at least 8x faster, for the ``.pth`` models.
@@ -108,23 +109,50 @@ def rmtree(path: str) -> None:
         os.unlink(path)
 
 
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (the converter starts a hashing child)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _status(pid: int, *keys: str) -> dict[str, int]:
+    got = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for ln in f:
+                k = ln.split(":", 1)[0]
+                if k in keys:
+                    got[k] = int(ln.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return got
+
+
 def peak_anon(cmd: list[str]) -> dict:
-    """Run cmd; sample RssAnon (and VmHWM at the end) from /proc/PID/status."""
+    """Run cmd; sample the summed RssAnon of it and its child processes (and the
+    main process's VmHWM) from /proc/PID/status."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    status = f"/proc/{proc.pid}/status"
     peak, samples, hwm = 0, 0, 0
     t = time.perf_counter()
     while proc.poll() is None:
-        try:
-            with open(status) as f:
-                for ln in f:
-                    if ln.startswith("RssAnon:"):
-                        peak = max(peak, int(ln.split()[1]))
-                        samples += 1
-                    elif ln.startswith("VmHWM:"):
-                        hwm = int(ln.split()[1])
-        except (OSError, ValueError):
-            pass
+        total = 0
+        for pid in _tree(proc.pid):
+            st = _status(pid, "RssAnon", "VmHWM")
+            total += st.get("RssAnon", 0)
+            if pid == proc.pid and "VmHWM" in st:
+                hwm = st["VmHWM"]
+        if total:
+            peak = max(peak, total)
+            samples += 1
         time.sleep(POLL_S)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
@@ -221,14 +249,17 @@ import torch
 from safetensors.torch import load_file
 
 def touch(sd):
-    # Read every byte once, as a copy to a device would: copy each tensor into one
-    # reused scratch buffer (mmap-backed tensors are faulted in by this read).
-    big = max((t.numel() * t.element_size() for t in sd.values()), default=0)
-    scratch = torch.empty(big, dtype=torch.uint8)
+    # Read every byte of every tensor once, as a copy to a device reads host memory:
+    # piece by piece through one small reused staging buffer (1 MiB, it stays in the
+    # CPU cache), so mmap-backed pages are faulted in and read, and no second full
+    # copy is written to host memory.
+    step = 1 << 20
+    scratch = torch.empty(step, dtype=torch.uint8)
     for t in sd.values():
-        if t.numel():
-            b = t.reshape(-1).view(torch.uint8)
-            scratch[:b.numel()].copy_(b)
+        b = t.reshape(-1).view(torch.uint8)
+        for i in range(0, b.numel(), step):
+            piece = b[i:i + step]
+            scratch[:piece.numel()].copy_(piece)
 
 def flatten(obj, prefix=""):
     out = {}
@@ -347,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", default=os.environ.get("BENCH_CACHE", "bench-cache"), help="Folder for the generated inputs (reused).")
     ap.add_argument("--results", default="bench-results", help="Folder for the JSON results.")
-    ap.add_argument("--runs", type=int, default=3, help="Runs per measurement (the median is reported).")
+    ap.add_argument("--runs", type=int, default=5, help="Runs per measurement (the median is reported).")
     ap.add_argument("--size", choices=("full", "tiny"), default="full", help="tiny: the smoke test's small inputs.")
     args = ap.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
