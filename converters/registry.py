@@ -5,6 +5,9 @@
   (``--stats`` for w2v-bert): option -> (help, file name inside a release folder)
 - ``CHOICES``: per model, options that change the canonical form: option ->
   (allowed values, default, help); passed to the module's ``runtime_config``
+- ``SOURCE_FILES``, ``CONFIG_FILES`` and :func:`locate`: where a model's checkpoint
+  and config are found (torch-free, so the CLI can start hashing the source before
+  it imports torch)
 """
 
 from __future__ import annotations

@@ -138,15 +138,20 @@ def write_manifest(out_dir: str, manifest: dict) -> None:
         out.commit()
 
 
-def _same_file(rec: dict, path: str) -> bool:
-    """Cheap: same path, size and mtime; else compare hashes."""
+def _same_stat(rec: dict, path: str) -> bool:
+    """Same path, size and mtime as recorded."""
     if rec.get("path") != path or not os.path.isfile(path):
         return False
     st = os.stat(path)
-    if st.st_size != rec.get("size"):
-        return False
-    if st.st_mtime_ns == rec.get("mtime_ns"):
+    return (st.st_size, st.st_mtime_ns) == (rec.get("size"), rec.get("mtime_ns"))
+
+
+def _same_file(rec: dict, path: str) -> bool:
+    """Cheap: same path, size and mtime; else, at the same path and size, compare hashes."""
+    if _same_stat(rec, path):
         return True
+    if rec.get("path") != path or not os.path.isfile(path) or os.path.getsize(path) != rec.get("size"):
+        return False
     return HASHES.digest(path) == rec.get("sha256")
 
 
@@ -172,19 +177,16 @@ def _extra(item: Item, release_dir: str) -> dict[str, str]:
 def _hash_ahead(items, release_dir: str, old: dict, out_dir: str, options_of) -> None:
     """Ask for the sha256 of every source that may need converting, in conversion
     order, before torch is imported.  Torch-free and cheap: an output whose manifest
-    entry matches (options, versions, output file, checkpoint size and mtime) is
-    skipped; the exact up-to-date test comes later."""
+    entry has the same options, an unchanged output file and a checkpoint of the same
+    path, size and mtime is left out (the exact up-to-date test comes later)."""
     for item, src, config in items:
         try:
             src_file, cfg_file = locate(item.kind, src, config, need_config=False)
         except ConvertError:
             continue  # reported by the conversion
-        entry = old["files"].get(item.out)
-        rec = (entry or {}).get("sources", {}).get("checkpoint", {})
-        if (entry and entry.get("options") == options_of(item) and entry.get("converter_version") == CONVERTER_VERSION
-                and _written_unchanged(entry, os.path.join(out_dir, item.out)) and rec.get("path") == src_file
-                and os.path.isfile(src_file)
-                and (os.path.getsize(src_file), os.stat(src_file).st_mtime_ns) == (rec.get("size"), rec.get("mtime_ns"))):
+        entry = old["files"].get(item.out) or {}
+        if (entry.get("options") == options_of(item) and _written_unchanged(entry, os.path.join(out_dir, item.out))
+                and _same_stat(entry.get("sources", {}).get("checkpoint", {}), src_file)):
             continue
         HASHES.prefetch([src_file, cfg_file, *_extra(item, release_dir).values()])
 

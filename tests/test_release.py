@@ -189,3 +189,25 @@ def test_verify_every_demo_output(release, tmp_path):
         src = entry["sources"]["checkpoint"]["path"]
         p = run_cli("verify", src, out / name, "--stats", release / "wav2vec2bert_stats.pt", "--failures-only")
         assert p.stdout.startswith("verified "), p.stdout
+
+
+def test_up_to_date_run_hashes_nothing_and_sources_are_hashed_before_their_output(release, tmp_path, monkeypatch):
+    """In process: the first run asks for every source's hash in conversion order
+    before any conversion; a second, up-to-date run asks for none."""
+    from converters import engine, release as rel
+    from converters.hashing import SERVICE
+
+    asked, events = [], []
+    real_request, real_convert = SERVICE.request, engine.convert
+    monkeypatch.setattr(SERVICE, "request", lambda p: (asked.append(os.path.basename(p)), real_request(p))[1])
+    monkeypatch.setattr(engine, "convert", lambda kind, *a, **k: (events.append(("convert", kind, len(asked))), real_convert(kind, *a, **k))[1])
+    out = tmp_path / "out"
+    rel.convert_all(str(release), str(out), {}, "keep", False, True, False, echo=lambda m: None)
+    first_convert = events[0][2]
+    checkpoints = [a for a in asked[:first_convert] if a.endswith((".pt", ".pth", ".bin", ".safetensors"))]
+    assert checkpoints[:2] == ["feat1.pt", "feat2.pt"] and checkpoints[-1] == "gpt.pth", checkpoints
+    assert "wav2vec2bert_stats.pt" in checkpoints
+    assert [e[1] for e in events] == [i.kind for i in rel.ITEMS]
+    asked.clear()
+    m = rel.convert_all(str(release), str(out), {}, "keep", False, True, False, echo=lambda m: None)
+    assert asked == [] and set(m["files"]) == set(OUTS)
