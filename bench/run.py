@@ -25,6 +25,9 @@ Conversions and their copy baselines alternate, so a noisy neighbour hurts both.
    of the upstream file plus the transforms a port has to do (the file's own
    provenance op chains applied with ``converters.ops.apply``, each result made
    contiguous).  Target: canonical at least 8x faster, for the ``.pth`` models.
+   Where CUDA is available the pair also runs with ``device="cuda"`` (``load_file``
+   straight to the GPU against ``torch.load(map_location="cuda")`` plus the transforms
+   on the GPU, both synchronised), as extra rows.
 """
 
 from __future__ import annotations
@@ -271,13 +274,14 @@ def flatten(obj, prefix=""):
             out[prefix + k] = v
     return out
 
-def upstream(kind, paths, prov):
+def upstream(kind, paths, prov, device):
     if kind == "w2v-bert":   # upstream ships safetensors here already: read it fully too
-        sd = load_file(paths["main"])
-        touch(sd)
-        sd.update({"stats/" + k: v for k, v in torch.load(paths["stats"], map_location="cpu", weights_only=True).items()})
+        sd = load_file(paths["main"], device=device)
+        if device == "cpu":
+            touch(sd)
+        sd.update({"stats/" + k: v for k, v in torch.load(paths["stats"], map_location=device, weights_only=True).items()})
     else:
-        obj = torch.load(paths["main"], map_location="cpu", weights_only=True)
+        obj = torch.load(paths["main"], map_location=device, weights_only=True)
         sd = flatten(obj["net"]) if kind == "s2mel" else obj.get("generator", obj)
     from converters import ops
     ready = {}
@@ -286,22 +290,27 @@ def upstream(kind, paths, prov):
             ready[name] = ops.apply(p["op"], [sd[s] for s in p["from"]]).contiguous()
     return ready
 
-def canonical(path):
-    sd = load_file(path)
-    touch(sd)
+def canonical(path, device):
+    sd = load_file(path, device=device)
+    if device == "cpu":
+        touch(sd)   # on a GPU the tensors are already copied in by load_file
     return sd
 
-side, kind, path, extra = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+side, kind, path, extra, device = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
+if device == "cuda":
+    torch.zeros(1, device="cuda")  # CUDA context created before the clock starts, on both sides
 t = time.perf_counter()
 if side == "canonical":
-    sd = canonical(path)
+    sd = canonical(path, device)
 else:
-    sd = upstream(kind, extra["paths"], extra["prov"])
+    sd = upstream(kind, extra["paths"], extra["prov"], device)
+if device == "cuda":
+    torch.cuda.synchronize()
 print(json.dumps({"s": time.perf_counter() - t, "tensors": len(sd)}))
 """
 
 
-def bench_load(release: str, out_dir: str, runs: int, log) -> dict:
+def bench_load(release: str, out_dir: str, runs: int, log, device: str = "cpu") -> dict:
     sys.path.insert(0, ROOT)
     from converters import safetensors_io as stio
 
@@ -319,13 +328,15 @@ def bench_load(release: str, out_dir: str, runs: int, log) -> dict:
         row = {"canonical_s": [], "upstream_s": []}
         for _ in range(runs):
             for side in ("canonical", "upstream"):
-                out = subprocess.run([PY, "-c", LOADER, side, kind, canon, extra], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+                out = subprocess.run([PY, "-c", LOADER, side, kind, canon, extra, device], check=True, capture_output=True,
+                                     text=True, cwd=ROOT).stdout
                 row[f"{side}_s"].append(round(json.loads(out.splitlines()[-1])["s"], 3))
         row["canonical_median_s"], row["upstream_median_s"] = median(row["canonical_s"]), median(row["upstream_s"])
         row["speedup"] = round(row["upstream_median_s"] / max(row["canonical_median_s"], 1e-9), 1)
         row["upstream_format"] = "safetensors" if kind == "w2v-bert" else "pth"
-        res[kind] = row
-        log(f"load {kind}: canonical {row['canonical_median_s']} s, upstream {row['upstream_median_s']} s ({row['speedup']}x)")
+        row["device"] = device
+        res[kind if device == "cpu" else f"{kind} ({device})"] = row
+        log(f"load {kind} on {device}: canonical {row['canonical_median_s']} s, upstream {row['upstream_median_s']} s ({row['speedup']}x)")
     return res
 
 
@@ -397,6 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
         subprocess.run([PY, CONVERT, "all", "--src", release, "--out", outs, "--quiet"], check=True, stdout=subprocess.DEVNULL)
         result["check"] = bench_check(outs, max(args.runs, 5), log)
         result["load"] = bench_load(release, outs, args.runs, log)
+        if result["machine"]["cuda"]:  # also on the GPU, where there is one
+            result["load"].update(bench_load(release, outs, args.runs, log, device="cuda"))
     finally:
         rmtree(work)
     result["verdicts"] = ok = verdicts(result)
