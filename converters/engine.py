@@ -239,9 +239,9 @@ def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool, hash_o
         p.metadata["source"] = _dumps(info)
         return p.metadata
 
-    # The source hash runs on one core meanwhile; the copies and checks here are memory
-    # bound, and torch's intra-op threads would only compete with it (measured: single
-    # threaded sums and transposes were faster here on 2 cores).
+    # The writer's copy threads (and the hashing child) are the parallelism here; torch's
+    # own intra-op threads would only multiply them (measured: single-threaded sums and
+    # transposes were faster on 2 cores), so each op runs on one thread.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
