@@ -40,27 +40,23 @@ def sha256_file(path: str) -> str:
             h.update(view[:n])
 
 
-# The child: one JSON-encoded path per line in, "ok DIGEST" or "err [errno, message]" out.
-_CHILD = r"""
-import hashlib, json, sys
-buf = bytearray(1 << 20)
-view = memoryview(buf)
-for line in sys.stdin:
-    path = json.loads(line)
-    try:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while True:
-                n = f.readinto(buf)
-                if not n:
-                    break
-                h.update(view[:n])
-        out = "ok " + h.hexdigest()
-    except OSError as e:
-        out = "err " + json.dumps([e.errno, e.strerror or str(e)])
-    sys.stdout.write(out + "\n")
-    sys.stdout.flush()
-"""
+def serve() -> None:
+    """The child's loop: one JSON-encoded path per line in, "ok DIGEST" or
+    "err [errno, message]" out."""
+    for line in sys.stdin:
+        path = json.loads(line)
+        try:
+            out = "ok " + sha256_file(path)
+        except OSError as e:
+            out = "err " + json.dumps([e.errno, e.strerror or str(e)])
+        sys.stdout.write(out + "\n")
+        sys.stdout.flush()
+
+
+# Started isolated (-I: no environment, user site or current folder; -S: no site), with
+# this package's folder put on the path, so it imports only this torch-free module.
+_CHILD = f"import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}); " \
+         "from converters.hashing import serve; serve()"
 
 
 _CHILDREN: list["_Child"] = []

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 
 from .errors import ConvertError
-from .hashing import sha256_file  # noqa: F401 (re-exported)
 
 CONVERTER_VERSION = "0.1.0"
 

@@ -437,8 +437,8 @@ def write_stream(
 
     The header goes first, then each tensor is produced, checked against the header,
     copied into a staging buffer (see :class:`_Staging`), checked there with its
-    ``check`` and dropped, so memory stays at one tensor (plus the op's temporaries)
-    and two staging buffers.
+    ``check`` and dropped once copied, so memory stays at the two staging buffers and
+    the tensors still being copied into them (plus the ops' temporaries).
 
     ``finalize_metadata``, if given, is called after all data is written and must
     return metadata whose encoded header has exactly the same length (used to fill in
