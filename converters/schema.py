@@ -266,4 +266,4 @@ def check_file(path: str) -> tuple[str | None, list[str]]:
     if kind not in load_schema()["models"]:
         return kind, [f"{path}: unknown model kind {kind!r}"]
     tensors = {n: (i.dtype, i.shape) for n, i in header.tensors.items()}
-    return kind, check(kind, tensors, header.metadata, path)
+    return kind, st_header.layout_problems(header) + check(kind, tensors, header.metadata, path)

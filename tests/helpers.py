@@ -56,3 +56,45 @@ def rewrite(path: str, out: str, tensors=None, meta=None) -> str:
     m0 = metadata(path)
     save_file(tensors if tensors is not None else t0, out, metadata=meta if meta is not None else m0)
     return out
+
+
+# ------------------------------------------------------------------ reference runtime
+
+
+def reference_load(path):
+    """A canonical file as the reference runtime reads it (CPU, memory-mapped views),
+    with float tensors in float32, the reference's compute dtype."""
+    from reference.load import load
+
+    return load(str(path), device="cpu").float()
+
+
+def convert_in_process(kind: str, src, out, *, config=None, extra=None, options=None):
+    """Convert one model in this process (the engine the CLI calls), quietly."""
+    from converters import engine
+
+    engine.convert(kind, str(src), str(out), str(config) if config else None, quiet=True, force=True,
+                   extra=extra, options=options)
+    return out
+
+
+def swap_rows(monkeypatch, kind: str, *pairs: tuple[str, str]) -> None:
+    """Make ``kind``'s table exchange the canonical names of each pair of row templates:
+    each name moves together with its op and sources, so provenance stays consistent and
+    ``check`` and the inverse-op round trip still pass.  Only a forward that reads
+    tensors by role can tell."""
+    import dataclasses
+
+    from converters import engine
+
+    mod = engine.model_module(kind)
+    original = mod.table
+    swap = {a: b for a, b in pairs} | {b: a for a, b in pairs}
+
+    def table(cfg):
+        rows, loops = original(cfg)
+        hit = {r.canonical for r in rows} & set(swap)
+        assert hit == set(swap), f"rows not in the {kind} table: {sorted(set(swap) - hit)}"
+        return [dataclasses.replace(r, canonical=swap[r.canonical]) if r.canonical in swap else r for r in rows], loops
+
+    monkeypatch.setattr(mod, "table", table)

@@ -1,0 +1,279 @@
+"""Load canonical files: each file's data in one allocation, every tensor a view into it.
+
+    from reference.load import load
+    files = load("canonical/", device="cuda")   # {model kind: CanonicalFile}
+    gpt = files["gpt"]
+    gpt.config["model_dim"], gpt["gpt.h.0.attn.q.weight"]
+
+This is the loading half of the reference runtime, and a module a runtime may import
+or copy: it needs torch and the standard library only (its header reader,
+:mod:`reference.header`, is standard library only).
+
+Why one allocation per file works: the canonical layout (see ``reference/header.py``
+and ``canonical_schema.json`` ``layout``) puts the data section at a multiple of 8
+bytes and every tensor at a multiple of its item size, so the data section can be read
+with one bulk transfer into one buffer and each tensor is a ``view`` of that buffer with
+its dtype and shape: no per-tensor allocation, copy or cast.
+
+How it reads:
+
+- ``device="cpu"``: the file is memory-mapped (copy-on-write, so writing to a tensor
+  never changes the file) and the tensors are views into the mapping; nothing is read
+  until it is used.
+- ``device="cuda"``: ``threads`` workers each own two pinned staging buffers and a
+  CUDA stream.  They ``pread`` pieces of ``piece_bytes`` of the data sections (of every
+  file, from one shared queue) into a staging buffer while the other buffer's previous
+  piece is still being copied to the device on the worker's stream.  Where pinned memory
+  cannot be had, the same path runs with ordinary buffers.
+- any other device: the CPU mapping, copied to the device in one transfer.
+
+Every header is validated first (:func:`reference.header.read_header`'s strict rules,
+and the alignment above); a file that fails is refused before anything is read, and a
+read that comes up short (a file changed under us) fails the whole load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .header import Header, HeaderError, alignment_problems, read_header
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+PIECE_BYTES = 16 << 20  # one staging transfer
+MAX_THREADS = 16
+
+
+class LoadError(ValueError):
+    """A file the loader refuses; the message names the file (and tensor)."""
+
+
+class Config(dict):
+    """The metadata ``config`` of one file; a missing key names the file."""
+
+    path = ""
+
+    def __missing__(self, key):
+        raise KeyError(f"{self.path}: metadata config has no {key!r}")
+
+
+@dataclass
+class CanonicalFile:
+    path: str
+    metadata: dict[str, str]
+    config: Config
+    tensors: dict[str, torch.Tensor]
+    buffer: torch.Tensor = field(repr=False)  # the data section, uint8; every tensor is a view into it
+
+    @property
+    def model(self) -> str | None:
+        return self.metadata.get("model")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor {name!r}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def float(self, dtype: torch.dtype = torch.float32) -> "CanonicalFile":
+        """The same file with every floating tensor in ``dtype`` (float32 by default: the
+        reference forwards compute in float32 whatever the file's storage dtype).
+        Tensors already in ``dtype`` stay views into :attr:`buffer`."""
+        cast = {n: t.to(dtype) if t.is_floating_point() else t for n, t in self.tensors.items()}
+        return CanonicalFile(self.path, self.metadata, self.config, cast, self.buffer)
+
+
+def validate(path: str) -> Header:
+    """The file's header, validated; :class:`LoadError` if it breaks a rule."""
+    try:
+        h = read_header(path)
+    except HeaderError as e:
+        raise LoadError(str(e)) from None
+    errs = alignment_problems(h)
+    if errs:
+        raise LoadError(errs[0])
+    return h
+
+
+def files_in(path: str) -> list[str]:
+    """The ``.safetensors`` files of a folder (not its subfolders), sorted by name."""
+    return sorted(os.path.join(path, n) for n in os.listdir(path)
+                  if n.endswith(".safetensors") and os.path.isfile(os.path.join(path, n)))
+
+
+def load(path: str, device: str | torch.device = "cuda", threads: int | None = None,
+         piece_bytes: int = PIECE_BYTES, staged: bool | None = None):
+    """Load one canonical file (a :class:`CanonicalFile`) or every ``.safetensors``
+    file of a folder (``{model kind: CanonicalFile}``) onto ``device``.
+
+    ``staged`` forces (True) or avoids (False) the threaded staging path; by default it
+    is used for CUDA devices only."""
+    device = torch.device(device)
+    single = not os.path.isdir(path)
+    paths = [path] if single else files_in(path)
+    if not paths:
+        raise LoadError(f"{path}: no .safetensors files in this folder")
+    headers = [validate(p) for p in paths]  # every file is checked before any is read
+    if staged is None:
+        staged = device.type == "cuda"
+    if staged:
+        buffers = _read_staged(headers, device, threads or min(MAX_THREADS, os.cpu_count() or 1), piece_bytes)
+    else:
+        buffers = [_mapped(h) for h in headers]
+        if device.type != "cpu":
+            buffers = [b.to(device) for b in buffers]
+    out = [_file(h, b) for h, b in zip(headers, buffers)]
+    if single:
+        return out[0]
+    by_kind: dict[str, CanonicalFile] = {}
+    for f in out:
+        key = f.model or os.path.basename(f.path)[: -len(".safetensors")]
+        if key in by_kind:
+            raise LoadError(f"{path}: two files hold model {key!r}: {by_kind[key].path} and {f.path}")
+        by_kind[key] = f
+    return by_kind
+
+
+def _file(h: Header, buf: torch.Tensor) -> CanonicalFile:
+    tensors = {}
+    for name, info in h.tensors.items():
+        b, e = info.begin - h.data_start, info.end - h.data_start
+        tensors[name] = buf[b:e].view(DTYPES[info.dtype]).view(info.shape)
+    cfg = Config()
+    cfg.path = h.path
+    raw = h.metadata.get("config")
+    if raw is not None:
+        try:
+            cfg.update(json.loads(raw))
+        except ValueError:
+            raise LoadError(f"{h.path}: metadata config is not valid JSON") from None
+    return CanonicalFile(h.path, dict(h.metadata), cfg, tensors, buf)
+
+
+def _mapped(h: Header) -> torch.Tensor:
+    """The data section as a copy-on-write memory map (nothing read yet)."""
+    if h.file_size == h.data_start:
+        return torch.empty(0, dtype=torch.uint8)
+    whole = torch.from_file(h.path, shared=False, size=h.file_size, dtype=torch.uint8)
+    return whole[h.data_start:]
+
+
+class _Queue:
+    """The pieces of every file's data section, handed out in file order."""
+
+    def __init__(self, items):
+        self.items, self.next, self.lock = items, 0, threading.Lock()
+
+    def take(self):
+        with self.lock:
+            if self.next == len(self.items):
+                return None
+            item = self.items[self.next]
+            self.next += 1
+            return item
+
+
+def _reader(path: str):
+    """A function reading ``len(view)`` bytes at an offset into ``view``, on its own
+    handle (``preadv`` where the OS has it, else a private file object)."""
+    if hasattr(os, "preadv"):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
+        def read(view, offset):
+            got = 0
+            while got < len(view):
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n == 0:
+                    break
+                got += n
+            return got
+
+        return read, lambda: os.close(fd)
+    f = open(path, "rb", buffering=0)
+
+    def read(view, offset):
+        f.seek(offset)
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        return got
+
+    return read, f.close
+
+
+def _read_staged(headers: list[Header], device: torch.device, threads: int, piece: int) -> list[torch.Tensor]:
+    cuda = device.type == "cuda"
+    dests = [torch.empty(h.file_size - h.data_start, dtype=torch.uint8, device=device) for h in headers]
+    items = [(k, off, min(piece, dests[k].numel() - off))
+             for k, h in enumerate(headers) for off in range(0, dests[k].numel(), piece)]
+    queue = _Queue(items)
+    threads = max(1, min(threads, len(items)))
+    errors: list[BaseException] = []
+
+    def work():
+        handles: dict[int, tuple] = {}
+        try:
+            stream = torch.cuda.Stream(device) if cuda else None
+            staging = [_staging(min(piece, max(n for _, _, n in items)), cuda) for _ in range(2)]
+            views = [memoryview(s.numpy()) for s in staging]
+            done: list = [None, None]  # per staging buffer: the event of its last copy
+            slot = 0
+            while not errors:
+                item = queue.take()
+                if item is None:
+                    break
+                k, off, n = item
+                if k not in handles:
+                    handles[k] = _reader(headers[k].path)
+                if done[slot] is not None:
+                    done[slot].synchronize()  # the copy out of this buffer has finished
+                got = handles[k][0](views[slot][:n], headers[k].data_start + off)
+                if got != n:
+                    raise LoadError(f"{headers[k].path}: file ended {n - got} bytes early at offset "
+                                    f"{headers[k].data_start + off + got}; it changed while loading")
+                if cuda:
+                    with torch.cuda.stream(stream):
+                        dests[k][off:off + n].copy_(staging[slot][:n], non_blocking=True)
+                        done[slot] = torch.cuda.Event()
+                        done[slot].record(stream)
+                else:
+                    dests[k][off:off + n].copy_(staging[slot][:n])
+                slot ^= 1
+            if stream is not None:
+                stream.synchronize()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(e)
+        finally:
+            for _, close in handles.values():
+                close()
+
+    pool = [threading.Thread(target=work, name=f"load-{i}") for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    if errors:
+        raise errors[0]
+    return dests
+
+
+def _staging(n: int, pinned: bool) -> torch.Tensor:
+    if pinned:
+        try:
+            return torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError:
+            pass  # no pinned memory here: the same path with an ordinary buffer
+    return torch.empty(n, dtype=torch.uint8)

@@ -1,0 +1,246 @@
+"""The reference loader (``reference/load.py``): every tensor equals the safetensors
+library's own reading, byte for byte, on both read paths (memory map; threaded staging
+through bounce buffers, run here on the CPU), for every demo file and a full-size file;
+headers that break the format's rules are refused before anything is read."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from reference.header import layout_problems, read_header
+from reference.load import CanonicalFile, LoadError, load
+from tests.helpers import ROOT, convert_in_process, run_cli
+
+DEMO = os.path.join(ROOT, "demo", "release")
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("canonical")
+    run_cli("all", "--src", DEMO, "--out", out, "--quiet")
+    return out
+
+
+def _library(path: str) -> dict[str, torch.Tensor]:
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def _assert_identical(loaded: CanonicalFile, path: str) -> None:
+    want = _library(path)
+    assert sorted(loaded.tensors) == sorted(want)
+    for name, t in want.items():
+        assert _same_bytes(loaded[name], t), name
+        # a view into the one buffer, not a copy
+        assert loaded[name].untyped_storage().data_ptr() == loaded.buffer.untyped_storage().data_ptr(), name
+
+
+READS = [
+    dict(staged=False),
+    dict(staged=True, threads=1, piece_bytes=1 << 20),
+    dict(staged=True, threads=3, piece_bytes=4096 + 13),  # pieces that cut through tensors at odd offsets
+]
+
+
+@pytest.mark.parametrize("how", READS, ids=["mmap", "staged-1", "staged-3-odd"])
+def test_every_demo_file_matches_the_library(demo_out, how):
+    files = load(str(demo_out), device="cpu", **how)
+    paths = sorted(p for p in os.listdir(demo_out) if p.endswith(".safetensors"))
+    assert len(paths) == 8 and len(files) == 8
+    for name in paths:
+        path = os.path.join(demo_out, name)
+        f = files[read_header(path).metadata["model"]]
+        assert f.path == path and f.config == json.loads(f.metadata["config"])
+        _assert_identical(f, path)
+
+
+def test_mixed_dtype_classes_and_empty_tensors(tmp_path):
+    """Every dtype the format allows, in one file, written by the library (which pads
+    the header and orders by alignment too); 0-d and empty tensors included."""
+    g = torch.Generator().manual_seed(0)
+    ts = {
+        "a.f64": torch.randn(3, generator=g, dtype=torch.float64),
+        "b.f32": torch.randn(2, 5, generator=g),
+        "c.f16": torch.randn(7, generator=g).half(),
+        "d.bf16": torch.randn(3, 3, generator=g).bfloat16(),
+        "e.i64": torch.arange(5),
+        "f.i32": torch.arange(3, dtype=torch.int32),
+        "g.i16": torch.arange(3, dtype=torch.int16),
+        "h.i8": torch.arange(-3, 3, dtype=torch.int8),
+        "i.u8": torch.arange(9, dtype=torch.uint8),
+        "j.bool": torch.tensor([True, False, True]),
+        "k.scalar": torch.tensor(2.5),
+        "l.empty": torch.zeros(0, 4),
+    }
+    path = str(tmp_path / "mixed.safetensors")
+    save_file(ts, path, metadata={"config": json.dumps({"x": 1})})
+    for how in READS:
+        f = load(path, device="cpu", **how)
+        _assert_identical(f, path)
+        assert f.config["x"] == 1
+        with pytest.raises(KeyError, match="mixed.safetensors: metadata config has no 'y'"):
+            f.config["y"]
+        with pytest.raises(KeyError, match="mixed.safetensors: no tensor 'nope'"):
+            f["nope"]
+
+
+def test_cpu_views_are_copy_on_write(demo_out):
+    path = str(demo_out / "bigvgan.safetensors")
+    before = open(path, "rb").read()
+    f = load(path, device="cpu")
+    for t in f.tensors.values():
+        if t.is_floating_point():
+            t.fill_(0)
+    assert open(path, "rb").read() == before
+
+
+def test_float_cast(demo_out):
+    f = load(str(demo_out / "gpt.safetensors"), device="cpu")
+    assert f.metadata["dtype"] == "F16"  # the demo gpt.pth is float16
+    g = f.float()
+    assert all(t.dtype == torch.float32 for t in g.tensors.values() if t.is_floating_point())
+    assert all(torch.equal(g[n], f[n].float()) for n in f.tensors)
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def _write_raw(path, header: dict, data: bytes, pad_to: int = 8) -> str:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-(8 + len(raw)) % pad_to)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+    return str(path)
+
+
+def test_refuses_a_misaligned_tensor(tmp_path):
+    hdr = {"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}
+    p = _write_raw(tmp_path / "x.safetensors", hdr, bytes(6))
+    with pytest.raises(LoadError, match=r"tensor 'b' \(F32\) starts at data offset 2, not a multiple of its item size 4"):
+        load(p, device="cpu")
+
+
+def test_refuses_an_unpadded_header(tmp_path):
+    hdr = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    raw = json.dumps(hdr).encode()
+    raw += b" " * ((-(8 + len(raw)) % 8) + 3)  # data starts at 8k + 3
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
+    with pytest.raises(LoadError, match="not a multiple of 8"):
+        load(str(p), device="cpu")
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("gap", "leaves a gap"), ("overlap", "overlaps"), ("trailing", "trailing bytes"), ("truncated", "truncated"),
+    ("dup", "duplicate key"), ("dtype", "unsupported dtype"),
+])
+def test_refuses_broken_headers(tmp_path, case, msg):
+    hdr = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}
+    data = bytes(16)
+    if case == "gap":
+        hdr["b"]["data_offsets"] = [12, 20]
+        data = bytes(20)
+    elif case == "overlap":
+        hdr["b"]["data_offsets"] = [4, 12]
+    elif case == "trailing":
+        data = bytes(24)
+    elif case == "truncated":
+        data = bytes(12)
+    elif case == "dtype":
+        hdr["b"]["dtype"] = "F8"
+        hdr["b"]["data_offsets"] = [8, 10]
+    p = tmp_path / "x.safetensors"
+    if case == "dup":
+        raw = b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}'
+        raw += b" " * (-(8 + len(raw)) % 8)
+        p.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    else:
+        _write_raw(p, hdr, data)
+    with pytest.raises(LoadError, match=msg):
+        load(str(p), device="cpu")
+
+
+def test_a_bad_file_in_a_folder_refuses_the_whole_load(demo_out, tmp_path):
+    """Every header is validated before any data is read."""
+    d = tmp_path / "bundle"
+    shutil.copytree(demo_out, d)
+    with open(d / "w2v_bert.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(d / "w2v_bert.safetensors") - 1)
+    with pytest.raises(LoadError, match="w2v_bert.safetensors"):
+        load(str(d), device="cpu", staged=True)
+
+
+def test_a_file_that_shrinks_during_the_read_fails_the_load(demo_out, tmp_path, monkeypatch):
+    import reference.load as rl
+
+    p = tmp_path / "gpt.safetensors"
+    shutil.copyfile(demo_out / "gpt.safetensors", p)
+    validate = rl.validate
+
+    def validate_then_shrink(path):
+        h = validate(path)
+        with open(path, "r+b") as f:
+            f.truncate(h.file_size - 100)
+        return h
+
+    monkeypatch.setattr(rl, "validate", validate_then_shrink)
+    with pytest.raises(LoadError, match="ended 100 bytes early"):
+        load(str(p), device="cpu", staged=True, piece_bytes=1 << 16)
+
+
+def test_our_outputs_keep_the_layout_promise(demo_out):
+    for name in os.listdir(demo_out):
+        if name.endswith(".safetensors"):
+            assert layout_problems(read_header(str(demo_out / name))) == []
+
+
+def test_loader_imports_nothing_but_torch():
+    """reference.load (and its header reader) stand alone: no converters, safetensors
+    library, YAML or upstream code."""
+    code = ("import sys, reference.load; bad = [m for m in ('converters', 'safetensors', 'yaml', 'transformers', "
+            "'indextts', 'tests') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------ full size
+
+
+@pytest.fixture(scope="module")
+def full_bigvgan(tmp_path_factory):
+    """BigVGAN at the released config (112M parameters, 0.45 GB): random values with
+    the upstream class's names and shapes, converted like the release."""
+    from bench import inputs
+
+    d = tmp_path_factory.mktemp("full")
+    cfg = inputs.configs("full")
+    bv = inputs.modules(cfg)["bigvgan"]
+    sd = inputs.materialise(bv.state_dict(), torch.Generator().manual_seed(0))
+    os.makedirs(d / "bigvgan")
+    torch.save({"generator": sd}, d / "bigvgan" / "bigvgan_generator.pt")
+    del sd
+    shutil.copyfile(inputs.BIGVGAN_JSON, d / "bigvgan" / "config.json")
+    out = d / "bigvgan.safetensors"
+    convert_in_process("bigvgan", d / "bigvgan", out)
+    shutil.rmtree(d / "bigvgan")
+    return str(out)
+
+
+def test_full_size_file_matches_the_library(full_bigvgan):
+    assert os.path.getsize(full_bigvgan) > 400e6
+    for how in READS[:2] + [dict(staged=True, threads=2)]:
+        _assert_identical(load(full_bigvgan, device="cpu", **how), full_bigvgan)
