@@ -216,6 +216,7 @@ def check_cmd(paths, full_hash):
         else:
             raise ConvertError(f"{p}: no such file or folder")
     bad = 0
+    from . import golden
     from .release import check_manifest
 
     for p in paths:
@@ -224,16 +225,47 @@ def check_cmd(paths, full_hash):
             for e in errs:
                 click.echo(f"error: {e}", err=True)
             bad += bool(errs)
+            gdir = os.path.join(p, golden.FOLDER)
+            if os.path.isdir(gdir):
+                files += golden.canonical_files(gdir)
     for f in files:
-        kind, errs = schema.check_file(f)
+        if _is_golden_file(f):
+            errs = golden.check_golden(f, full_hash)
+            ok = f"ok {f} (golden activations for {os.path.basename(f)})"
+        else:
+            kind, errs = schema.check_file(f)
+            ok = f"ok {f} ({kind}, schema v{schema.schema_version()})"
         if errs:
             bad += 1
             for e in errs:
                 click.echo(f"error: {e}", err=True)
         else:
-            click.echo(f"ok {f} ({kind}, schema v{schema.schema_version()})")
+            click.echo(ok)
     if bad:
         sys.exit(1)
+
+
+def _is_golden_file(path: str) -> bool:
+    from . import golden, st_header
+
+    try:
+        return golden.is_golden(st_header.read_header(path).metadata)
+    except ConvertError:
+        return False  # reported by the schema check
+
+
+@main.command("golden")
+@click.argument("out_dir", type=click.Path())
+@click.option("--models", "models", multiple=True, type=click.Choice(list(registry.MODELS)),
+              help="Only these models (repeatable; default: every canonical file in OUT_DIR).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated inputs.")
+@guarded
+def golden_cmd(out_dir, models, seed):
+    """Write OUT_DIR/golden/<file> for each canonical file: seeded inputs, the reference
+    runtime's outputs and every layer's activations, for ports to compare against."""
+    from .golden import write_golden
+
+    write_golden(out_dir, tuple(models), seed, echo=click.echo)
 
 
 @main.command("inspect")

@@ -36,3 +36,26 @@ def record(acts: dict | None, key: str, t: torch.Tensor) -> None:
     """Store an activation when the caller asked for them."""
     if acts is not None:
         acts[key] = t.detach()
+
+
+# The reference module of each canonical model kind, and the name of its entry list.
+MODULES: dict[str, tuple[str, str]] = {
+    "gpt": ("reference.gpt", "ENTRIES"),
+    "s2mel": ("reference.s2mel", "ENTRIES"),
+    "w2v-bert": ("reference.w2v_bert", "ENTRIES"),
+    "bigvgan": ("reference.bigvgan", "ENTRIES"),
+    "semantic-codec": ("reference.semantic_codec", "ENTRIES"),
+    "campplus": ("reference.campplus", "ENTRIES"),
+    "speaker-matrix": ("reference.matrices", "SPEAKER_ENTRIES"),
+    "emotion-matrix": ("reference.matrices", "EMOTION_ENTRIES"),
+}
+
+
+def entries(kind: str) -> tuple[Entry, ...]:
+    """The entry points of the reference forward for one canonical model kind."""
+    import importlib
+
+    if kind not in MODULES:
+        raise KeyError(f"no reference forward for model {kind!r}; known: {', '.join(MODULES)}")
+    module, attr = MODULES[kind]
+    return tuple(getattr(importlib.import_module(module), attr))

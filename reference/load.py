@@ -34,6 +34,7 @@ read that comes up short (a file changed under us) fails the whole load.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import threading
@@ -111,16 +112,21 @@ def files_in(path: str) -> list[str]:
                   if n.endswith(".safetensors") and os.path.isfile(os.path.join(path, n)))
 
 
-def load(path: str, device: str | torch.device = "cuda", threads: int | None = None,
+def load(path, device: str | torch.device = "cuda", threads: int | None = None,
          piece_bytes: int = PIECE_BYTES, staged: bool | None = None):
-    """Load one canonical file (a :class:`CanonicalFile`) or every ``.safetensors``
-    file of a folder (``{model kind: CanonicalFile}``) onto ``device``.
+    """Load one canonical file (a :class:`CanonicalFile`), or every ``.safetensors``
+    file of a folder or of a list of paths (``{model kind: CanonicalFile}``), onto
+    ``device``.
 
     ``staged`` forces (True) or avoids (False) the threaded staging path; by default it
     is used for CUDA devices only."""
     device = torch.device(device)
-    single = not os.path.isdir(path)
-    paths = [path] if single else files_in(path)
+    if isinstance(path, (list, tuple)):
+        single, paths = False, [str(p) for p in path]
+    else:
+        path = str(path)
+        single = not os.path.isdir(path)
+        paths = [path] if single else files_in(path)
     if not paths:
         raise LoadError(f"{path}: no .safetensors files in this folder")
     headers = [validate(p) for p in paths]  # every file is checked before any is read
@@ -228,7 +234,7 @@ def _read_staged(headers: list[Header], device: torch.device, threads: int, piec
         try:
             stream = torch.cuda.Stream(device) if cuda else None
             staging = [_staging(min(piece, max(n for _, _, n in items)), cuda) for _ in range(2)]
-            views = [memoryview(s.numpy()) for s in staging]
+            views = [_bytes_view(s) for s in staging]
             done: list = [None, None]  # per staging buffer: the event of its last copy
             slot = 0
             while not errors:
@@ -268,6 +274,12 @@ def _read_staged(headers: list[Header], device: torch.device, threads: int, piec
     if errors:
         raise errors[0]
     return dests
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous CPU uint8 tensor's bytes (no numpy needed);
+    the caller keeps ``t`` alive while it is used."""
+    return memoryview((ctypes.c_ubyte * t.numel()).from_address(t.data_ptr())).cast("B")
 
 
 def _staging(n: int, pinned: bool) -> torch.Tensor:

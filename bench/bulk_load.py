@@ -1,0 +1,351 @@
+"""The trivial load at the speed of the hardware (issue 18): canonical files resident on
+a device, ``reference.load.load`` against ``safetensors.torch.load_file``.
+
+    python -m bench.bulk_load measure DIR [--device cuda|cpu] [--runs N] [--cold] [--json FILE]
+    python -m bench.bulk_load snapshot CANONICAL_DIR LAYOUT.json
+    python -m bench.bulk_load synth LAYOUT.json OUT_DIR
+
+``measure`` times, each in a fresh process (imports and CUDA context creation before
+the clock starts; the clock stops once every tensor is resident, after a device
+synchronise), on the large canonical files of DIR (``gpt``, ``s2mel``, ``w2v-bert``,
+``bigvgan``):
+
+- ``load_file``: ``safetensors.torch.load_file(f, device)`` for each file
+- ``ours``: ``reference.load.load(files, device)`` (one allocation per file, threaded
+  pinned staging with per-thread streams on CUDA; memory-mapped views on the CPU)
+- ``page_cache``: the same threads ``pread`` every data byte into ordinary buffers and
+  nothing else: how fast the page cache can be read (the limit of any loader)
+- ``h2d`` (CUDA): one pinned buffer copied to the device, repeated to the same byte
+  count: the host-to-device limit
+
+On the CPU, ``load_file`` and ``ours`` are followed by one read of every byte (through a
+1 MiB buffer, as a device copy reads host memory), since mapped tensors cost nothing
+until read.  ``--cold`` evicts the files from the page cache before each run
+(``/proc/sys/vm/drop_caches`` where permitted, else ``posix_fadvise(DONTNEED)`` per file)
+and times ``load_file`` and ``ours`` only.  Afterwards ``ours`` is run in one process
+over a grid of thread counts and piece sizes (a second call reuses pinned memory torch
+has cached, so those rows are a little optimistic).
+
+``snapshot`` records the names, dtypes, shapes and config of every tensor of the large
+files (``bench/full_size_layout.json`` is the one at the released configs);
+``synth`` writes files with that layout and random values, for a machine that has no
+bench inputs (the GPU machine).  Only torch, safetensors and ``reference`` are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LARGE = ("gpt.safetensors", "s2mel.safetensors", "w2v_bert.safetensors", "bigvgan.safetensors")
+GRID = [(t, p) for t in (4, 8, 16) for p in (4 << 20, 16 << 20, 64 << 20)]
+
+
+def large_files(folder: str) -> list[str]:
+    files = [os.path.join(folder, n) for n in LARGE if os.path.isfile(os.path.join(folder, n))]
+    if not files:
+        raise SystemExit(f"{folder}: none of {', '.join(LARGE)}")
+    return files
+
+
+# ------------------------------------------------------------------ one timed run (child)
+
+
+def _touch(tensors) -> None:
+    import torch
+
+    step = 1 << 20
+    scratch = torch.empty(step, dtype=torch.uint8)
+    for t in tensors:
+        b = t.reshape(-1).view(torch.uint8)
+        for i in range(0, b.numel(), step):
+            piece = b[i:i + step]
+            scratch[:piece.numel()].copy_(piece)
+
+
+def _page_cache(files, threads: int, piece: int) -> int:
+    import threading
+
+    from reference.header import read_header
+    from reference.load import _reader
+
+    work = []
+    for f in files:
+        h = read_header(f)
+        work += [(f, off, min(piece, h.file_size - off)) for off in range(h.data_start, h.file_size, piece)]
+    lock, pos, total = threading.Lock(), [0], [0]
+
+    def run():
+        buf = memoryview(bytearray(piece))
+        readers = {}
+        while True:
+            with lock:
+                if pos[0] == len(work):
+                    break
+                f, off, n = work[pos[0]]
+                pos[0] += 1
+            if f not in readers:
+                readers[f] = _reader(f)
+            got = readers[f][0](buf[:n], off)
+            with lock:
+                total[0] += got
+        for _, close in readers.values():
+            close()
+
+    ts = [threading.Thread(target=run) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return total[0]
+
+
+def child(method: str, files: list[str], device: str, threads: int, piece: int) -> dict:
+    import torch
+
+    from reference import load as rl
+
+    cuda = device.startswith("cuda")
+    nbytes = sum(os.path.getsize(f) for f in files)
+    if cuda:
+        torch.zeros(1, device=device)
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    if method == "load_file":
+        from safetensors.torch import load_file
+
+        sds = [load_file(f, device=device) for f in files]
+        if not cuda:
+            _touch(t for sd in sds for t in sd.values())
+    elif method == "ours":
+        out = rl.load(files, device=device, threads=threads, piece_bytes=piece)
+        if not cuda:
+            _touch(t for f in out.values() for t in f.tensors.values())
+    elif method == "page_cache":
+        nbytes = _page_cache(files, threads, piece)
+    elif method == "h2d":
+        size = min(1 << 30, nbytes)
+        host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(size, dtype=torch.uint8, device=device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        done = 0
+        while done < nbytes:
+            n = min(size, nbytes - done)
+            dev[:n].copy_(host[:n], non_blocking=True)
+            done += n
+    elif method == "grid":
+        rows = []
+        for th, pc in GRID:
+            times = []
+            for _ in range(2):
+                torch.cuda.synchronize() if cuda else None
+                t = time.perf_counter()
+                out = rl.load(files, device=device, threads=th, piece_bytes=pc)
+                torch.cuda.synchronize() if cuda else None
+                times.append(time.perf_counter() - t)
+                del out
+            rows.append({"threads": th, "piece_mib": pc >> 20, "s": [round(x, 4) for x in times],
+                         "gb_s": round(nbytes / min(times) / 1e9, 1)})
+        return {"grid": rows}
+    else:
+        raise SystemExit(f"unknown method {method}")
+    if cuda:
+        torch.cuda.synchronize()
+    s = time.perf_counter() - t0
+    return {"s": s, "bytes": nbytes}
+
+
+# ------------------------------------------------------------------ the measurement (parent)
+
+
+def _evict(files) -> str:
+    try:
+        subprocess.run(["sync"], check=False)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return "drop_caches"
+    except OSError:
+        pass
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return "posix_fadvise(DONTNEED)"
+
+
+def _warm(files) -> None:
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+
+
+def _run_child(method, files, device, threads, piece) -> dict:
+    cmd = [sys.executable, "-m", "bench.bulk_load", "_child", method, device, str(threads), str(piece), *files]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure(folder: str, device: str = "cuda", runs: int = 5, cold: bool = False, threads: int | None = None,
+            piece: int | None = None, grid: bool = True, log=print) -> dict:
+    from reference.load import MAX_THREADS, PIECE_BYTES
+
+    files = large_files(folder)
+    threads = threads or min(MAX_THREADS, os.cpu_count() or 1)
+    piece = piece or PIECE_BYTES
+    nbytes = sum(os.path.getsize(f) for f in files)
+    res = {"device": device, "files": [os.path.basename(f) for f in files], "bytes": nbytes, "threads": threads,
+           "piece_mib": piece >> 20, "warm": {}, "cold": {}}
+    methods = ["load_file", "ours", "page_cache"] + (["h2d"] if device.startswith("cuda") else [])
+    _warm(files)
+    for _ in range(runs):  # alternate, so a noisy neighbour hurts every method alike
+        for m in methods:
+            r = _run_child(m, files, device, threads, piece)
+            res["warm"].setdefault(m, []).append(round(r["s"], 4))
+    if cold:
+        for _ in range(runs):
+            for m in ("load_file", "ours"):
+                res["evict"] = _evict(files)
+                r = _run_child(m, files, device, threads, piece)
+                res["cold"].setdefault(m, []).append(round(r["s"], 4))
+    for which in ("warm", "cold"):
+        for m, xs in list(res[which].items()):
+            med = statistics.median(xs)
+            res[which][m] = {"s": xs, "median_s": round(med, 4), "gb_s": round(nbytes / med / 1e9, 2)}
+    if grid and device.startswith("cuda"):  # on the CPU the loader maps the files: nothing to tune
+        _warm(files)
+        res["grid"] = _run_child("grid", files, device, threads, piece)["grid"]
+    res["table"] = table(res)
+    log(res["table"])
+    return res
+
+
+def table(res: dict) -> str:
+    lines = [f"bulk load of {', '.join(res['files'])} ({res['bytes'] / 1e9:.2f} GB) on {res['device']}, "
+             f"{res['threads']} threads, {res['piece_mib']} MiB pieces",
+             "| cache | method | median s | GB/s | vs load_file |", "|---|---|---|---|---|"]
+    for which in ("warm", "cold"):
+        rows = res[which]
+        base = rows.get("load_file", {}).get("median_s")
+        for m, r in rows.items():
+            ratio = f"{base / r['median_s']:.1f}x" if base and m != "load_file" else ""
+            lines.append(f"| {which} | {m} | {r['median_s']:.3f} | {r['gb_s']:.1f} | {ratio} |")
+    if res.get("evict"):
+        lines.append(f"(cold: page cache evicted with {res['evict']} before each run)")
+    for g in res.get("grid", []):
+        lines.append(f"grid: {g['threads']} threads, {g['piece_mib']} MiB pieces: {g['gb_s']} GB/s ({g['s']})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ layout snapshot and synthetic files
+
+
+def snapshot(folder: str, out: str) -> None:
+    from reference.header import read_header
+
+    snap = {}
+    for f in large_files(folder):
+        h = read_header(f)
+        order = sorted(h.tensors.items(), key=lambda kv: kv[1].begin)
+        snap[os.path.basename(f)] = {
+            "model": h.metadata.get("model"),
+            "dtype": h.metadata.get("dtype"),
+            "config": json.loads(h.metadata.get("config", "{}")),
+            "tensors": [[n, i.dtype, list(i.shape)] for n, i in order],
+        }
+    with open(out, "w") as fh:
+        # one tensor per line: small, and a diff shows which tensor changed
+        fh.write("{\n" + ",\n".join(
+            f"{json.dumps(name)}: {{\"model\": {json.dumps(s['model'])}, \"dtype\": {json.dumps(s['dtype'])}, "
+            f"\"config\": {json.dumps(s['config'], sort_keys=True)}, \"tensors\": [\n"
+            + ",\n".join(json.dumps(t) for t in s["tensors"]) + "\n]}" for name, s in sorted(snap.items())) + "\n}\n")
+
+
+def synth(layout: str, out_dir: str, log=print) -> list[str]:
+    """Files with the snapshot's tensors (in its order, padded header) and random values:
+    floats N(0, 0.02), integers zero.  Metadata: model, dtype and config (no provenance,
+    so they load and run but are not canonical files ``check`` accepts)."""
+    import struct
+
+    import torch
+
+    from reference.load import DTYPES, _bytes_view
+
+    with open(layout) as fh:
+        snap = json.load(fh)
+    os.makedirs(out_dir, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    written = []
+    for name, spec in snap.items():
+        hdr, off = {}, 0
+        for n, dt, shape in spec["tensors"]:
+            size = DTYPES[dt].itemsize
+            for d in shape:
+                size *= d
+            hdr[n] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + size]}
+            off += size
+        hdr["__metadata__"] = {"model": spec["model"], "dtype": spec["dtype"], "config": json.dumps(spec["config"]),
+                               "schema": "synthetic-layout"}
+        raw = json.dumps(hdr).encode()
+        raw += b" " * (-(8 + len(raw)) % 8)
+        path = os.path.join(out_dir, name)
+        with open(path + ".part", "wb") as fh:
+            fh.write(struct.pack("<Q", len(raw)) + raw)
+            for n, dt, shape in spec["tensors"]:
+                t = torch.empty(shape, dtype=DTYPES[dt])
+                if t.is_floating_point():
+                    t.normal_(0.0, 0.02, generator=gen)
+                else:
+                    t.zero_()
+                if t.numel():
+                    fh.write(_bytes_view(t.reshape(-1).view(torch.uint8)))
+        os.replace(path + ".part", path)
+        written.append(path)
+        log(f"synth: {path} ({os.path.getsize(path) / 1e9:.2f} GB)")
+    return written
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_child":
+        method, device, threads, piece, *files = argv[1:]
+        print(json.dumps(child(method, files, device, int(threads), int(piece))))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("dir")
+    m.add_argument("--device", default="cuda")
+    m.add_argument("--runs", type=int, default=5)
+    m.add_argument("--cold", action="store_true")
+    m.add_argument("--no-grid", action="store_true")
+    m.add_argument("--json")
+    s = sub.add_parser("snapshot")
+    s.add_argument("dir")
+    s.add_argument("out")
+    y = sub.add_parser("synth")
+    y.add_argument("layout")
+    y.add_argument("out_dir")
+    args = ap.parse_args(argv)
+    if args.cmd == "measure":
+        res = measure(args.dir, args.device, args.runs, args.cold, grid=not args.no_grid)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=2)
+    elif args.cmd == "snapshot":
+        snapshot(args.dir, args.out)
+    else:
+        synth(args.layout, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

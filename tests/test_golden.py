@@ -1,0 +1,165 @@
+"""Golden activations (``convert.py golden``) and the reference runtime's isolation:
+the golden files are deterministic, belong to the canonical files beside them (``check``
+says so, and refuses them once a canonical file changes), and a port's parity loop as
+the README shows it reproduces them; the reference runs with every upstream package,
+the converter and the safetensors library unimportable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from converters.golden import check_golden
+from reference.entry import MODULES
+from tests.helpers import ROOT, assert_refused, run_cli
+
+DEMO = os.path.join(ROOT, "demo", "release")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("golden") / "canonical"
+    run_cli("all", "--src", DEMO, "--out", out, "--quiet")
+    run_cli("golden", out)
+    return out
+
+
+def test_golden_for_every_canonical_file_and_check_passes(bundle):
+    names = sorted(n for n in os.listdir(bundle) if n.endswith(".safetensors"))
+    assert sorted(os.listdir(bundle / "golden")) == names
+    p = run_cli("check", bundle)
+    for n in names:
+        assert f"ok {bundle / 'golden' / n} (golden activations" in p.stdout
+
+
+def test_golden_is_deterministic(bundle, tmp_path):
+    again = tmp_path / "again"
+    shutil.copytree(bundle, again)
+    shutil.rmtree(again / "golden")
+    run_cli("golden", again)
+    for n in os.listdir(bundle / "golden"):
+        assert (bundle / "golden" / n).read_bytes() == (again / "golden" / n).read_bytes(), n
+
+
+def test_golden_metadata_and_contents(bundle):
+    from safetensors import safe_open
+
+    for n in os.listdir(bundle / "golden"):
+        with safe_open(str(bundle / "golden" / n), "pt") as f:
+            md = f.metadata()
+            names = set(f.keys())
+        assert md["canonical_file"] == n and md["dtype"] == "F32" and md["model"] in MODULES
+        entries = json.loads(md["entries"])
+        assert entries and all(e["outputs"] and e["upstream"] for e in entries)
+        for e in entries:
+            assert {f"input.{e['name']}.{a}" for a in e["args"]} <= names
+            assert {f"output.{e['name']}.{o}" for o in e["outputs"]} <= names
+        # every model with layers records them
+        if md["model"] not in ("speaker-matrix", "emotion-matrix"):
+            assert any(k.startswith("act.") for k in names), n
+
+
+def port_parity_loop(canonical_dir, golden_file, forward) -> float:
+    """What the README tells a port to do: load the canonical weights, feed input.*,
+    compare with output.*.  ``forward(weights, entry_name, *inputs)`` is the port."""
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    with safe_open(golden_file, "pt") as f:
+        md = f.metadata()
+    gold = load_file(golden_file)
+    weights = os.path.join(canonical_dir, md["canonical_file"])
+    worst = 0.0
+    for e in json.loads(md["entries"]):
+        outs = forward(weights, e["name"], *[gold[f"input.{e['name']}.{a}"] for a in e["args"]])
+        for o, got in zip(e["outputs"], outs):
+            want = gold[f"output.{e['name']}.{o}"]
+            worst = max(worst, float((got.double() - want.double()).abs().max()) if want.numel() else 0.0)
+    return worst
+
+
+def test_port_parity_loop_with_the_reference_as_port(bundle):
+    from reference.entry import entries
+    from reference.load import load
+
+    def forward(path, name, *args):
+        w = load(path, device="cpu").float()
+        e = next(e for e in entries(w.model) if e.name == name)
+        out = e.run(w, None, **dict(zip(e.args, args)))
+        return [out[o] for o in e.outputs]
+
+    for n in os.listdir(bundle / "golden"):
+        assert port_parity_loop(str(bundle), str(bundle / "golden" / n), forward) == 0.0, n
+
+
+def test_check_refuses_golden_of_another_canonical_file(bundle, tmp_path):
+    d = tmp_path / "b"
+    shutil.copytree(bundle, d)
+    run_cli("s2mel", DEMO, d / "s2mel.safetensors", "--dtype", "float16", "--force", "--quiet")
+    errs = check_golden(str(d / "golden" / "s2mel.safetensors"))
+    assert any("computed from another s2mel.safetensors" in e for e in errs), errs
+    p = run_cli("check", d / "golden" / "s2mel.safetensors", expect=None)
+    assert_refused(p, "computed from another s2mel.safetensors", "convert.py golden")
+
+
+def test_check_refuses_a_tampered_golden_file(bundle, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "b"
+    shutil.copytree(bundle, d)
+    g = d / "golden" / "bigvgan.safetensors"
+    with safe_open(str(g), "pt") as f:
+        md = f.metadata()
+    ts = load_file(str(g))
+    victim = sorted(k for k in ts if k.startswith("output."))[0]
+    del ts[victim]
+    save_file(ts, str(g), metadata=md)
+    assert any(f"missing tensor {victim!r}" in e for e in check_golden(str(g)))
+
+
+def test_golden_needs_canonical_files(tmp_path):
+    p = run_cli("golden", tmp_path, expect=None)
+    assert_refused(p, "no canonical files")
+    p = run_cli("golden", tmp_path / "nope", expect=None)
+    assert_refused(p, "no such folder")
+
+
+BLOCKER = r"""
+import importlib.abc, sys
+BLOCKED = ("converters", "indextts", "transformers", "yaml", "safetensors", "tests", "omegaconf", "einops", "numpy")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked in this test: {name}")
+        return None
+sys.meta_path.insert(0, Block())
+import torch
+from reference.entry import MODULES, entries
+from reference.load import load
+files = {k: f.float() for k, f in load(sys.argv[1], device="cpu").items()}
+assert sorted(files) == sorted(MODULES), sorted(files)
+ran = []
+for kind, w in sorted(files.items()):
+    for e in entries(kind):
+        acts = {}
+        out = e.run(w, acts, **e.inputs(w.config, torch.Generator().manual_seed(0)))
+        assert list(out) == list(e.outputs)
+        ran.append(f"{kind}.{e.name}")
+print(" ".join(ran))
+"""
+
+
+def test_reference_reads_only_canonical_files(bundle):
+    """Every entry point runs with upstream code, transformers, YAML, numpy, the
+    converter and the safetensors library unimportable."""
+    p = subprocess.run([sys.executable, "-c", BLOCKER, str(bundle)], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    ran = p.stdout.split()
+    assert {r.split(".")[0] for r in ran} == set(MODULES), ran
