@@ -26,7 +26,28 @@ OUT_NAME = "bigvgan.safetensors"
 # Constants of upstream's Activation1d (alias_free_activation/torch/act.py): 2x
 # up-sampling and 2x down-sampling with 12-tap Kaiser-windowed sinc filters.
 ANTI_ALIAS_RATIO = 2
+ANTI_ALIAS_TAPS = 12
 SNAKE_EPS = 1e-9
+
+
+def anti_alias_padding(ratio: int, taps: int) -> dict:
+    """The edge handling of upstream's UpSample1d / DownSample1d (resample.py, filter.py)
+    for ``taps``-tap filters, written out so a runtime need not re-derive it:
+
+    - up: replicate-pad ``anti_alias_up_pad`` samples each side, transposed conv (stride
+      ``ratio``) times ``ratio``, then drop ``anti_alias_up_trim`` samples from each end
+    - down: replicate-pad ``anti_alias_down_pad`` samples, strided (``ratio``) conv
+    """
+    pad = taps // ratio - 1
+    even = int(taps % 2 == 0)
+    return {
+        "anti_alias_taps": taps,
+        "anti_alias_pad_mode": "replicate",
+        "anti_alias_up_pad": [pad, pad],
+        "anti_alias_up_trim": [pad * ratio + (taps - ratio) // 2, pad * ratio + (taps - ratio + 1) // 2],
+        "anti_alias_down_pad": [taps // 2 - even, taps // 2],
+    }
+
 
 DROPS: list[Drop] = []
 
@@ -56,6 +77,7 @@ def runtime_config(raw: dict, path: str) -> dict:
     cfg["use_tanh_at_final"] = bool(raw.get("use_tanh_at_final", True))
     cfg["use_bias_at_final"] = bool(raw.get("use_bias_at_final", True))
     cfg["anti_alias_ratio"] = ANTI_ALIAS_RATIO
+    cfg.update(anti_alias_padding(ANTI_ALIAS_RATIO, ANTI_ALIAS_TAPS))
     for k in ("sampling_rate", "hop_size", "n_fft", "win_size", "fmin", "fmax"):
         if k in raw:
             cfg[k] = raw[k]

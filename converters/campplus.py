@@ -51,6 +51,8 @@ CLASS_DEFAULTS = {"growth_rate": 32, "bn_size": 4, "init_channels": 128, "config
 # Fixed inside the upstream classes (DTDNN.py, layers.py).
 M_CHANNELS = 32
 HEAD_NUM_BLOCKS = [2, 2]
+HEAD_FREQ_STRIDES = [2, 2]  # FCM._make_layer(..., stride=2) per stage: the first block strides (2, 1)
+HEAD_CONV2_FREQ_STRIDE = 2  # FCM.conv2: stride (2, 1)
 BLOCK_LAYERS = [12, 24, 16]
 BLOCK_KERNEL_SIZES = [3, 3, 3]
 BLOCK_DILATIONS = [1, 2, 2]
@@ -99,6 +101,8 @@ def runtime_config(raw: dict, path: str | None) -> dict:
         "init_channels": args["init_channels"],
         "m_channels": M_CHANNELS,
         "head_num_blocks": HEAD_NUM_BLOCKS,
+        "head_freq_strides": HEAD_FREQ_STRIDES,
+        "head_conv2_freq_stride": HEAD_CONV2_FREQ_STRIDE,
         "head_out_channels": M_CHANNELS * (args["feat_dim"] // 8),
         "tdnn_kernel_size": 5,
         "tdnn_stride": 2,
