@@ -96,9 +96,13 @@ def reference_on_device(demo: str, device: str) -> dict:
     for kind in sorted(cpu):
         for e in entries(kind):
             inputs = e.inputs(cpu[kind].config, torch.Generator().manual_seed(0))
-            with torch.no_grad():
-                a = e.run(cpu[kind], None, **inputs)
-                b = e.run(dev[kind], None, **{k: v.to(device) for k, v in inputs.items()})
+            try:
+                with torch.no_grad():
+                    a = e.run(cpu[kind], None, **inputs)
+                    b = e.run(dev[kind], None, **{k: v.to(device) for k, v in inputs.items()})
+            except Exception as err:  # noqa: BLE001 - report and go on with the other entries
+                out[f"{kind}.{e.name}"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+                continue
             diffs = {}
             for k in a:
                 x, y = a[k], b[k].cpu()
@@ -137,7 +141,8 @@ def main(argv=None) -> dict:
         try:
             res["reference_vs_cpu"] = r = reference_on_device(args.demo, args.device)
             for k, d in r.items():
-                log(f"reference {k} on {args.device} vs cpu: " + ", ".join(f"{o} {v:.2e}" for o, v in d.items()))
+                log(f"reference {k} on {args.device} vs cpu: " + ", ".join(f"{o} {v:.2e}" if isinstance(v, float) else f"{o} {v}"
+                                                                          for o, v in d.items()))
         except Exception as e:  # noqa: BLE001 - report, keep the other results
             res["reference_vs_cpu_error"] = f"{type(e).__name__}: {e}"
             log(f"reference on device FAILED: {res['reference_vs_cpu_error']}")

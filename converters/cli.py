@@ -1,4 +1,4 @@
-"""Command line: ``python convert.py {all,gpt,s2mel,w2v-bert,bigvgan,check,inspect}``."""
+"""Command line: ``python convert.py {all,<model>,check,inspect,verify,golden}``."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ for _kind in registry.MODELS:
 
 
 def _all_command():
-    from .release import ITEMS
+    from .release import ITEMS, VOCODER
 
     all_choices = {name: spec for kind in registry.CHOICES for name, spec in registry.CHOICES[kind].items()}
 
@@ -165,7 +165,8 @@ def _all_command():
     cmd = choice_options(cmd, {k: (v, d, f"({'/'.join(kind for kind in registry.CHOICES if k in registry.CHOICES[kind])}) {h}")
                                for k, (v, d, h) in all_choices.items()})
     for item in reversed([i for i in ITEMS if i.flag]):
-        where = f"SRC/{item.release}" + (f", else the Hugging Face cache ({item.hf[0]})" if item.hf else "")
+        repo = "the vocoder SRC/config.yaml names" if item.hf and item.hf[0] == VOCODER else (item.hf[0] if item.hf else "")
+        where = f"SRC/{item.release}" + (f", else the Hugging Face cache ({repo})" if item.hf else "")
         cmd = click.option(f"--{item.flag.replace('_', '-')}", item.flag, type=click.Path(), default=None,
                            help=f"{item.kind} source (default: {where}).")(cmd)
     cmd = click.option("--out", "out", required=True, type=click.Path(), help="Folder for the canonical files.")(cmd)
@@ -217,11 +218,11 @@ def check_cmd(paths, full_hash):
             raise ConvertError(f"{p}: no such file or folder")
     bad = 0
     from . import golden
-    from .release import check_manifest
+    from .release import check_manifest, cross_file_problems
 
     for p in paths:
         if os.path.isdir(p):
-            errs = check_manifest(p, full_hash)
+            errs = check_manifest(p, full_hash) + cross_file_problems(p)
             for e in errs:
                 click.echo(f"error: {e}", err=True)
             bad += bool(errs)

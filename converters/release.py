@@ -9,22 +9,34 @@
 - Incremental: an output whose sources, options, converter and schema version are
   unchanged since the manifest was written is skipped; comparing size and mtime is
   enough, and a source whose mtime moved is re-hashed before it counts as changed.
+- Every missing source is reported in one error, each with the places looked in and
+  the command that fetches it.
+- The vocoder is the one ``config.yaml`` names (``vocoder.name``), and a BigVGAN whose
+  config disagrees with that name or with the s2mel mel settings is refused.
+- The files must belong together (:func:`pipeline.cross_file_problems` on the planned
+  configs) before anything is converted.
+- The tokenizer and the emotion classifier are copied in unconverted (:mod:`bundle`),
+  and ``manifest.json`` gets the pipeline contract (:mod:`pipeline`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
-from . import schema
+from . import bundle, pipeline, schema
 from .errors import ConvertError
 from .hashing import SERVICE as HASHES
 from .hashing import sha256_file
-from .registry import CHOICES, CONVERTER_VERSION, EXTRA_FILES, locate
+from .registry import CHOICES, CONVERTER_VERSION, EXTRA_FILES, SOURCE_FILES, locate
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+RELEASE_REPO = "IndexTeam/IndexTTS-2"
+RELEASE_CONFIG = "config.yaml"
+VOCODER = "{vocoder}"  # Item.hf repo placeholder: the vocoder config.yaml names
 
 
 @dataclass(frozen=True)
@@ -35,21 +47,26 @@ class Item:
     hf: tuple[str, str] | None = None  # (repo id, path inside a snapshot) in the HF cache
     flag: str | None = None  # `all` option that names the source explicitly
     release_config: str | None = None  # config file taken from the release folder
+    fetch: tuple[str, ...] = ()  # the files `huggingface-cli download` needs (from hf[0], else the release repo)
 
 
 # Conversion order: smallest sources first and gpt last.  Each output's header waits for
 # its source's sha256 (so the output can be hashed as it streams); the sources are
 # hashed in this order from the start, and small models convert meanwhile.
 ITEMS: list[Item] = [
-    Item("speaker-matrix", "speaker_matrix.safetensors", "feat1.pt"),
-    Item("emotion-matrix", "emotion_matrix.safetensors", "feat2.pt"),
-    Item("campplus", "campplus.safetensors", "campplus", hf=("funasr/campplus", ""), flag="campplus"),
+    Item("speaker-matrix", "speaker_matrix.safetensors", "feat1.pt", fetch=("feat1.pt",)),
+    Item("emotion-matrix", "emotion_matrix.safetensors", "feat2.pt", fetch=("feat2.pt",)),
+    Item("campplus", "campplus.safetensors", "campplus", hf=("funasr/campplus", ""), flag="campplus",
+         fetch=("campplus_cn_common.bin",)),
     Item("semantic-codec", "semantic_codec.safetensors", "MaskGCT/semantic_codec", hf=("amphion/MaskGCT", "semantic_codec"),
-         flag="semantic_codec", release_config="config.yaml"),
-    Item("bigvgan", "bigvgan.safetensors", "bigvgan", hf=("nvidia/bigvgan_v2_22khz_80band_256x", ""), flag="bigvgan"),
-    Item("s2mel", "s2mel.safetensors", "s2mel.pth"),
-    Item("w2v-bert", "w2v_bert.safetensors", "w2v-bert-2.0", hf=("facebook/w2v-bert-2.0", ""), flag="w2v_bert"),
-    Item("gpt", "gpt.safetensors", "gpt.pth"),
+         flag="semantic_codec", release_config=RELEASE_CONFIG, fetch=("semantic_codec/model.safetensors",)),
+    # upstream loads BigVGAN.from_pretrained(config.yaml vocoder.name); `bigvgan/` is this tool's local layout
+    Item("bigvgan", "bigvgan.safetensors", "bigvgan", hf=(VOCODER, ""), flag="bigvgan",
+         fetch=("bigvgan_generator.pt", "config.json")),
+    Item("s2mel", "s2mel.safetensors", "s2mel.pth", fetch=("s2mel.pth",)),
+    Item("w2v-bert", "w2v_bert.safetensors", "w2v-bert-2.0", hf=("facebook/w2v-bert-2.0", ""), flag="w2v_bert",
+         fetch=("model.safetensors", "config.json", "preprocessor_config.json")),
+    Item("gpt", "gpt.safetensors", "gpt.pth", fetch=("gpt.pth",)),
 ]
 
 
@@ -85,27 +102,153 @@ def hf_snapshot(cache: str, repo: str) -> str | None:
     raise ConvertError(f"{snaps}: several snapshots ({', '.join(revs)}) and no refs/main; name the one to use with a flag")
 
 
-def find_source(item: Item, release_dir: str, flags: dict[str, str | None]) -> tuple[str, str]:
-    """(path, how it was found) for one item."""
+class Missing(Exception):
+    """One source that was not found: where it was looked for, and how to get it."""
+
+
+def fetch_command(repo: str, files, release_dir: str | None = None) -> str:
+    where = f" --local-dir {release_dir}" if release_dir else ""
+    return f"huggingface-cli download {repo} {' '.join(files)}{where}"
+
+
+def _hf(item: Item, vocoder: str) -> tuple[str, str] | None:
+    if item.hf is None:
+        return None
+    return (vocoder if item.hf[0] == VOCODER else item.hf[0]), item.hf[1]
+
+
+def find_source(item: Item, release_dir: str, flags: dict[str, str | None], vocoder: str = "") -> tuple[str, str]:
+    """(path, how it was found) for one item; :class:`Missing` if it is nowhere."""
     if item.flag and flags.get(item.flag):
         return flags[item.flag], "given on the command line"
+    hf = _hf(item, vocoder)
     looked = []
-    p = os.path.join(release_dir, item.release)
-    if os.path.exists(p):
-        return p, "in the release folder"
-    looked.append(p)
-    if item.hf:
-        cache = hf_cache_dir()
-        snap = hf_snapshot(cache, item.hf[0])
-        if snap is not None:
-            q = os.path.join(snap, item.hf[1]) if item.hf[1] else snap
-            if os.path.exists(q):
-                return q, f"in the Hugging Face cache ({item.hf[0]})"
-            looked.append(q)
+    candidates = [os.path.join(release_dir, item.release)]
+    if item.kind == "bigvgan" and vocoder and not os.path.isabs(vocoder):
+        candidates.insert(0, os.path.join(release_dir, vocoder))  # a vocoder named by a folder in the release
+    for p in candidates:
+        if os.path.isdir(p) or os.path.isfile(p):
+            if _has_checkpoint(item, p):
+                return p, "in the release folder"
+            looked.append(f"{p} (no {' or '.join(SOURCE_FILES[item.kind])} in it)")
         else:
-            looked.append(os.path.join(cache, "models--" + item.hf[0].replace("/", "--")))
-    hint = f"; pass --{item.flag.replace('_', '-')}" if item.flag else ""
-    raise ConvertError(f"no {item.kind} source found: looked in {', '.join(looked)}{hint}")
+            looked.append(p)
+    if hf:
+        cache = hf_cache_dir()
+        snap = hf_snapshot(cache, hf[0])
+        if snap is not None:
+            q = os.path.join(snap, hf[1]) if hf[1] else snap
+            if os.path.exists(q) and _has_checkpoint(item, q):
+                return q, f"in the Hugging Face cache ({hf[0]})"
+            looked.append(f"{q} (a partial snapshot: no {' or '.join(SOURCE_FILES[item.kind])})" if os.path.exists(q) else q)
+        else:
+            looked.append(os.path.join(cache, "models--" + hf[0].replace("/", "--")))
+    how = fetch_command(hf[0], item.fetch) if hf else fetch_command(RELEASE_REPO, item.fetch, release_dir)
+    flag = f", or pass --{item.flag.replace('_', '-')} PATH" if item.flag else ""
+    raise Missing(f"{item.kind}: looked in {', '.join(looked)}; fetch it with `{how}`{flag}")
+
+
+def _has_checkpoint(item: Item, path: str) -> bool:
+    if os.path.isfile(path):
+        return True
+    return any(os.path.isfile(os.path.join(path, n)) for n in SOURCE_FILES[item.kind])
+
+
+def read_release_config(release_dir: str) -> tuple[str, dict]:
+    import yaml
+
+    path = os.path.join(release_dir, RELEASE_CONFIG)
+    if not os.path.isfile(path):
+        raise Missing(f"{RELEASE_CONFIG}: not in {release_dir}; fetch it with "
+                      f"`{fetch_command(RELEASE_REPO, (RELEASE_CONFIG,), release_dir)}`")
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ConvertError(f"{path}: cannot read the release config: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConvertError(f"{path}: the release config is not a YAML mapping")
+    return path, doc
+
+
+def vocoder_name(doc: dict, path: str) -> str:
+    """``vocoder.name`` (upstream: ``BigVGAN.from_pretrained(cfg.vocoder.name)``)."""
+    v = doc.get("vocoder")
+    if not isinstance(v, dict) or not isinstance(v.get("name"), str) or not v["name"].strip():
+        raise ConvertError(f"{path}: config has no vocoder.name (IndexTTS-2 loads the BigVGAN it names)")
+    if v.get("type", "bigvgan") != "bigvgan":
+        raise ConvertError(f"{path}: vocoder.type {v.get('type')!r} is not supported (IndexTTS-2 uses bigvgan)")
+    return v["name"].strip()
+
+
+# bigvgan_v2_22khz_80band_256x: sample rate (kHz, rounded), mel bands, hop (samples per frame)
+_VOCODER_NAME = re.compile(r"bigvgan_v2_(\d+)khz_(\d+)band_(\d+)x")
+# BigVGAN config.json key -> s2mel spect_params key: the mel the DiT writes is the mel BigVGAN reads
+_MEL_KEYS = {"num_mels": "n_mels", "hop_size": "hop_length", "n_fft": "n_fft", "win_size": "win_length", "fmin": "fmin", "fmax": "fmax"}
+
+
+def check_vocoder(src: str, name: str, doc: dict, config_path: str) -> None:
+    """Refuse a BigVGAN whose config.json disagrees with the name config.yaml gives it,
+    or with the s2mel mel settings."""
+    from .configs import load_json
+
+    _, cfg_file = locate("bigvgan", src, None)
+    v = load_json(cfg_file)
+    bad = []
+    m = _VOCODER_NAME.search(name)
+    if m:
+        khz, band, hop = map(int, m.groups())
+        if round(v.get("sampling_rate", 0) / 1000) != khz:
+            bad.append(f"sampling_rate {v.get('sampling_rate')} is not {khz} kHz")
+        if v.get("num_mels") != band:
+            bad.append(f"num_mels {v.get('num_mels')} is not {band}")
+        if v.get("hop_size") != hop:
+            bad.append(f"hop_size {v.get('hop_size')} is not {hop}")
+    if bad:
+        raise ConvertError(f"{cfg_file}: this BigVGAN is not the vocoder {config_path} names ({name}): {'; '.join(bad)}")
+    pre = (doc.get("s2mel") or {}).get("preprocess_params") or {}
+    spect = pre.get("spect_params") or {}
+    if "sampling_rate" in v and "sr" in pre and v["sampling_rate"] != pre["sr"]:
+        bad.append(f"sampling_rate {v['sampling_rate']} vs s2mel sr {pre['sr']}")
+    for vk, sk in _MEL_KEYS.items():
+        if vk in v and sk in spect:
+            a, b = v[vk], spect[sk]
+            if sk == "fmax":  # infer_v2: "None" (or absent) -> None; anything else -> 8000
+                b = None if b is None or b == "None" else 8000
+            if a != b:
+                bad.append(f"{vk} {a!r} vs s2mel {sk} {b!r}")
+    if bad:
+        raise ConvertError(f"{cfg_file}: this BigVGAN does not fit the s2mel mel settings in {config_path}: {'; '.join(bad)}")
+
+
+def discover(release_dir: str, flags: dict[str, str | None]) -> tuple[list, str, dict]:
+    """Every source, or one error naming every missing one.  Returns
+    ([(item, path, how, config)], config.yaml path, config.yaml document)."""
+    missing, found = [], []
+    try:
+        cfg_path, doc = read_release_config(release_dir)
+        vocoder = vocoder_name(doc, cfg_path)
+    except Missing as e:
+        missing.append(str(e))
+        cfg_path, doc, vocoder = os.path.join(release_dir, RELEASE_CONFIG), {}, ""
+    for item in ITEMS:
+        try:
+            src, how = find_source(item, release_dir, flags, vocoder)
+        except Missing as e:
+            missing.append(str(e))
+            continue
+        config = os.path.join(release_dir, item.release_config) if item.release_config else None
+        found.append((item, src, how, config))
+    for item in ITEMS:
+        for opt, (_, name) in EXTRA_FILES.get(item.kind, {}).items():
+            p = os.path.join(release_dir, name)
+            if not os.path.isfile(p):
+                missing.append(f"{item.kind} {opt}: {p} is missing; fetch it with `{fetch_command(RELEASE_REPO, (name,), release_dir)}`")
+    if missing:
+        raise ConvertError(f"{release_dir}: {len(missing)} source(s) not found, nothing was converted:\n  " + "\n  ".join(missing))
+    src = next(src for item, src, _, _ in found if item.kind == "bigvgan")
+    check_vocoder(src, vocoder, doc, cfg_path)
+    return found, cfg_path, doc
 
 
 # ------------------------------------------------------------------ manifest
@@ -216,6 +359,19 @@ def _options(item: Item, dtype: str, allow_nonfinite: bool, choices: dict[str, s
     return {"dtype": dtype, "allow_nonfinite": allow_nonfinite, **model_opts}, model_opts
 
 
+def planned_configs(plan) -> dict[str, dict]:
+    """Each item's metadata config, computed from its config file without reading
+    tensors (``load_config`` + ``runtime_config``), for the cross-file rules."""
+    from . import engine
+
+    out = {}
+    for item, src, config, files, extra, model_opts in plan:
+        mod = engine.model_module(item.kind)
+        cfg_file = files.get("config")
+        out[item.kind] = mod.runtime_config(mod.load_config(cfg_file), cfg_file, **model_opts)
+    return out
+
+
 def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dtype: str, force: bool,
                 quiet: bool, allow_nonfinite: bool, echo=print, choices: dict[str, str] | None = None) -> dict:
     """Convert every item; ``choices`` are model options (``profile``) applied to the
@@ -225,25 +381,35 @@ def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dt
         raise ConvertError(f"{release_dir}: release folder not found")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConvertError(f"{out_dir}: exists and is not a folder")
-    found = []
-    for item in ITEMS:  # find every source before converting anything
-        src, how = find_source(item, release_dir, flags)
-        config = os.path.join(release_dir, item.release_config) if item.release_config else None
-        found.append((item, src, config))
+    found, cfg_path, doc = discover(release_dir, flags)  # every source, before converting anything
+    for item, src, how, _ in found:
         echo(f"{item.kind}: {src} ({how})")
+    copies, absent = bundle.find(release_dir, doc)
+    for role, why in absent.items():
+        echo(f"{role}: absent ({why})")
+    found = [(item, src, config) for item, src, _, config in found]
     old = read_manifest(out_dir) or {"files": {}}
     _hash_ahead(found, release_dir, old, out_dir, lambda item: _options(item, dtype, allow_nonfinite, choices)[0])
+    HASHES.prefetch([os.path.join(release_dir, f) for role, (_, files) in copies.items() for f in files
+                     if not _same_stat(((old.get("bundle") or {}).get(role) or {}).get("files", {}).get(f, {}).get("source", {}),
+                                       os.path.join(release_dir, f))])
 
     from . import engine  # imports torch (about a second, while the hashing runs)
 
     for item in ITEMS:
         engine.model_module(item.kind)  # a converter that does not exist yet fails before any work
-    plan = [(item, src, config, *_inputs(item, src, release_dir, config)) for item, src, config in found]
+    plan = [(item, src, config, *_inputs(item, src, release_dir, config), _options(item, dtype, allow_nonfinite, choices)[1])
+            for item, src, config in found]
+    configs = planned_configs(plan)
+    names = {item.kind: files["checkpoint"] for item, _, _, files, _, _ in plan}
+    problems = pipeline.cross_file_problems(configs, names)
+    if problems:
+        raise ConvertError(f"{release_dir}: the sources do not belong together, nothing was converted:\n  " + "\n  ".join(problems))
     os.makedirs(out_dir, exist_ok=True)
     manifest = {"manifest_version": MANIFEST_VERSION, "schema": schema.SCHEMA_NAME, "schema_version": schema.schema_version(),
                 "converter_version": CONVERTER_VERSION,
                 "options": {"dtype": dtype, "allow_nonfinite": allow_nonfinite, **choices}, "files": {}}
-    for item, src, config, files, extra in plan:
+    for item, src, config, files, extra, _ in plan:
         out_path = os.path.join(out_dir, item.out)
         entry = old["files"].get(item.out)
         options, model_opts = _options(item, dtype, allow_nonfinite, choices)
@@ -270,9 +436,45 @@ def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dt
             "sources": {role: fingerprint(f, digests.get(role)) for role, f in files.items()},
         }
         echo(f"wrote {out_path} ({item.kind}, {len(p.plan.entries)} tensors, {len(p.plan.dropped)} dropped)")
-        write_manifest(out_dir, {**manifest, "files": {**old["files"], **manifest["files"]}})
+        write_manifest(out_dir, {**old, **manifest, "files": {**old["files"], **manifest["files"]}})
+    manifest["bundle"] = copy_bundle(release_dir, out_dir, copies, old.get("bundle", {}), force, echo)
+    manifest["absent"] = absent
+    w2v_src = next(src for item, src, _ in found if item.kind == "w2v-bert")
+    w2v_folder = w2v_src if os.path.isdir(w2v_src) else os.path.dirname(os.path.abspath(w2v_src))
+    manifest["pipeline"] = pipeline.build(configs, w2v_folder)
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def copy_bundle(release_dir: str, out_dir: str, copies: dict, old: dict, force: bool, echo) -> dict:
+    """Hard-link (or copy) the tokenizer and emotion classifier into OUT; their manifest
+    entries.  A role whose sources and outputs are unchanged since the manifest is left
+    as it is."""
+    entries = {}
+    for role, (rel, files) in copies.items():
+        prev = old.get(role) or {}
+        srcs = {f: os.path.join(release_dir, f) for f in files}
+        outs = {f: os.path.join(out_dir, f) for f in files}
+        same = (prev.get("path") == rel and set(prev.get("files", {})) == set(files)
+                and all(_same_file(prev["files"][f]["source"], srcs[f]) and os.path.isfile(outs[f])
+                        and os.path.getsize(outs[f]) == prev["files"][f]["size"] for f in files))
+        if same:
+            entries[role] = prev
+            echo(f"up to date: {os.path.join(out_dir, rel)}")
+            continue
+        for f in files:
+            if os.path.lexists(outs[f]) and not force and not (f in prev.get("files", {}) and os.path.isfile(outs[f])):
+                raise ConvertError(f"{outs[f]}: already exists and is not in the manifest; pass --force to replace it")
+        how = {f: bundle.place(srcs[f], outs[f]) for f in files}
+        desc = next(c.description for c in bundle.COPIED if c.role == role)
+        entries[role] = {
+            "path": rel,
+            "role": desc,
+            "files": {f: {"size": os.path.getsize(outs[f]), "sha256": HASHES.digest(srcs[f]), "placed": how[f],
+                          "source": fingerprint(srcs[f])} for f in files},
+        }
+        echo(f"{'linked' if set(how.values()) == {'linked'} else 'copied'} {os.path.join(out_dir, rel)} ({role}, {len(files)} file(s))")
+    return entries
 
 
 def check_manifest(out_dir: str, full_hash: bool = False) -> list[str]:
@@ -315,4 +517,32 @@ def check_manifest(out_dir: str, full_hash: bool = False) -> list[str]:
             errs.append(f"{where}: {n} was converted from another source than the manifest records")
         if full_hash and sha256_file(p) != e.get("sha256"):
             errs.append(f"{where}: {n} does not match its sha256 in the manifest")
+    for role, e in (m.get("bundle") or {}).items():
+        for f, rec in (e.get("files") or {}).items():
+            p = os.path.join(out_dir, f)
+            if not os.path.isfile(p):
+                errs.append(f"{where}: lists {f} ({role}), which is missing")
+            elif os.path.getsize(p) != rec.get("size"):
+                errs.append(f"{where}: {f} ({role}) has {os.path.getsize(p)} bytes, the manifest says {rec.get('size')}")
+            elif full_hash and sha256_file(p) != rec.get("sha256"):
+                errs.append(f"{where}: {f} ({role}) does not match its sha256 in the manifest")
     return errs
+
+
+def cross_file_problems(out_dir: str) -> list[str]:
+    """The pipeline's cross-file rules on the canonical files of a folder (headers only)."""
+    from . import st_header
+
+    configs, files = {}, {}
+    for n in sorted(os.listdir(out_dir)):
+        p = os.path.join(out_dir, n)
+        if not n.endswith(".safetensors") or not os.path.isfile(p):
+            continue
+        try:
+            md = st_header.read_header(p).metadata
+            if md.get("schema") != schema.SCHEMA_NAME or "model" not in md:
+                continue
+            configs[md["model"]], files[md["model"]] = json.loads(md.get("config", "{}")), p
+        except (ConvertError, ValueError):
+            continue  # reported by the file's own check
+    return pipeline.cross_file_problems(configs, files)

@@ -158,10 +158,10 @@ def adaptive_rms_norm(w, p: str, x, c, eps: float):
     return scale * n + shift
 
 
-def rope_cos_sin(T: int, head_dim: int, base: float):
+def rope_cos_sin(T: int, head_dim: int, base: float, device=None):
     """cos and sin ``[T, head_dim // 2]`` of angle ``pos * base ** (-2i / head_dim)``."""
-    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    ang = torch.outer(torch.arange(T).float(), inv)
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    ang = torch.outer(torch.arange(T, device=device).float(), inv)
     return torch.cos(ang), torch.sin(ang)
 
 
@@ -205,9 +205,9 @@ def transformer(w, x, c, x_mask, acts=None):
     T = x.shape[1]
     if T > cfg["block_size"]:
         raise ValueError(f"{T} frames exceed block_size {cfg['block_size']} (rotary positions)")
-    cos, sin = rope_cos_sin(T, cfg["head_dim"], cfg["rope_base"])
+    cos, sin = rope_cos_sin(T, cfg["head_dim"], cfg["rope_base"], x.device)
     if cfg["is_causal"]:
-        allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None]  # lengths are not applied
+        allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]  # lengths are not applied
     else:
         allowed = x_mask[:, None, None, :]  # padded keys are never attended
     eps = cfg["norm_eps"]
@@ -233,7 +233,7 @@ def reflect_pad(x, left: int, right: int):
     if extra:
         x = torch.cat([x, x.new_zeros(*x.shape[:-1], extra)], dim=-1)
     m = n + extra
-    j = torch.arange(-left, n + right).abs()
+    j = torch.arange(-left, n + right, device=x.device).abs()
     j = torch.where(j >= m, 2 * (m - 1) - j, j)
     return x[..., j]
 

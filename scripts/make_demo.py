@@ -4,10 +4,12 @@
     python scripts/make_demo.py demo/release      (or: make demo)
 
 The folder gets the layout of an IndexTTS-2 release (config.yaml, gpt.pth, s2mel.pth,
-wav2vec2bert_stats.pt, feat1.pt, feat2.pt) plus the Hugging Face models that
-`convert.py all` also looks for inside it: w2v-bert-2.0/, bigvgan/,
-MaskGCT/semantic_codec/, campplus/.  Weights are random; the point is a
-real-layout input that converts end to end in seconds on a fresh clone.
+wav2vec2bert_stats.pt, feat1.pt, feat2.pt, bpe.model, qwen0.6bemo4-merge/) plus the
+Hugging Face models that `convert.py all` also looks for inside it: w2v-bert-2.0/,
+bigvgan/ (config.yaml names it as the vocoder), MaskGCT/semantic_codec/, campplus/.
+Weights are random; the sizes are tiny but agree with each other across files as a
+release's do (check's cross-file rules), so the bundle converts and checks end to end
+in seconds on a fresh clone.
 """
 
 import importlib
@@ -19,7 +21,8 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-BUILDERS = ("gpt", "s2mel", "w2v_bert", "bigvgan", "speaker_matrix", "emotion_matrix", "semantic_codec", "campplus")  # tests/upstream/<name>.py
+BUILDERS = ("gpt", "s2mel", "w2v_bert", "bigvgan", "speaker_matrix", "emotion_matrix", "semantic_codec", "campplus",
+            "tokenizer", "qwen_emotion")  # tests/upstream/<name>.py
 
 
 def main(release_dir: str) -> None:
@@ -29,7 +32,7 @@ def main(release_dir: str) -> None:
     for m in mods:
         config.update(m.demo_config())
     config.update({"gpt_checkpoint": "gpt.pth", "s2mel_checkpoint": "s2mel.pth", "w2v_stat": "wav2vec2bert_stats.pt",
-                   "vocoder": {"type": "bigvgan", "name": "nvidia/bigvgan_v2_22khz_80band_256x"}, "version": 2.0})
+                   "version": 2.0})
     with open(os.path.join(release_dir, "config.yaml"), "w") as f:
         f.write("# Tiny demo release: random weights, the real IndexTTS-2 layout. Made by scripts/make_demo.py.\n")
         yaml.safe_dump(config, f, sort_keys=False)

@@ -16,6 +16,7 @@ from tests.helpers import ROOT, assert_refused, metadata, run_cli
 DEMO = os.path.join(ROOT, "demo", "release")
 OUTS = ["bigvgan.safetensors", "campplus.safetensors", "emotion_matrix.safetensors", "gpt.safetensors",
         "s2mel.safetensors", "semantic_codec.safetensors", "speaker_matrix.safetensors", "w2v_bert.safetensors"]
+COPIED = ["bpe.model", "qwen0.6bemo4-merge"]  # the tokenizer and emotion classifier, copied unconverted
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def test_all_writes_manifest_and_checks(release, tmp_path):
     out = tmp_path / "out"
     p = run_cli("all", "--src", release, "--out", out, "--quiet")
     assert "in the release folder" in p.stdout
-    assert sorted(os.listdir(out)) == sorted(OUTS + ["manifest.json"])
+    assert sorted(os.listdir(out)) == sorted(OUTS + COPIED + ["manifest.json"])
     m = json.loads((out / "manifest.json").read_text())
     assert m["options"] == {"dtype": "keep", "allow_nonfinite": False, "profile": "full"}
     for n in OUTS:
@@ -56,11 +57,11 @@ def test_second_run_is_a_no_op_and_one_change_redoes_one(release, tmp_path):
     run_cli("all", "--src", release, "--out", out, "--quiet")
     before = _mtimes(out)
     p = run_cli("all", "--src", release, "--out", out, "--quiet")
-    assert p.stdout.count("up to date") == len(OUTS) and _mtimes(out) == before
+    assert p.stdout.count("up to date") == len(OUTS) + len(COPIED) and _mtimes(out) == before
     # Same bytes, new mtime: re-hashed, still up to date.
     os.utime(release / "gpt.pth", ns=(1, 1))
     p = run_cli("all", "--src", release, "--out", out, "--quiet")
-    assert p.stdout.count("up to date") == len(OUTS) and _mtimes(out) == before
+    assert p.stdout.count("up to date") == len(OUTS) + len(COPIED) and _mtimes(out) == before
     # A changed source: only its output is redone.
     sd = torch.load(release / "s2mel.pth", weights_only=True)
     k = next(k for k, v in sd["net"]["cfm"].items() if v.is_floating_point())
@@ -69,7 +70,7 @@ def test_second_run_is_a_no_op_and_one_change_redoes_one(release, tmp_path):
     p = run_cli("all", "--src", release, "--out", out, "--quiet")
     after = _mtimes(out)
     assert [n for n in OUTS if after[n] != before[n]] == ["s2mel.safetensors"]
-    assert p.stdout.count("up to date") == len(OUTS) - 1
+    assert p.stdout.count("up to date") == len(OUTS) + len(COPIED) - 1
     run_cli("check", out, "--hash")
 
 
@@ -78,7 +79,7 @@ def test_changed_options_redo_everything(release, tmp_path):
     run_cli("all", "--src", release, "--out", out, "--quiet")
     before = _mtimes(out)
     p = run_cli("all", "--src", release, "--out", out, "--dtype", "float32", "--quiet")
-    assert "up to date" not in p.stdout
+    assert not any(f"up to date: {out / n}" in p.stdout for n in OUTS)  # the copied files do not depend on options
     assert all(v != before[k] for k, v in _mtimes(out).items())
 
 
@@ -100,27 +101,38 @@ def _fake_hf_cache(tmp_path, release, repo, folder, rev="0123abcd"):
     return snap
 
 
+def _name_vocoder(release, name):
+    import yaml
+
+    doc = yaml.safe_load((release / "config.yaml").read_text())
+    doc["vocoder"]["name"] = name
+    (release / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
 def test_hugging_face_cache_discovery(release, tmp_path, monkeypatch):
     snap = _fake_hf_cache(tmp_path, release, "facebook/w2v-bert-2.0", "w2v-bert-2.0")
-    _fake_hf_cache(tmp_path, release, "nvidia/bigvgan_v2_22khz_80band_256x", "bigvgan", rev="feed")
+    _name_vocoder(release, "nvidia/bigvgan_tiny_demo")  # the vocoder config.yaml names is looked up in the cache
+    _fake_hf_cache(tmp_path, release, "nvidia/bigvgan_tiny_demo", "bigvgan", rev="feed")
     _fake_hf_cache(tmp_path, release, "amphion/MaskGCT", "MaskGCT", rev="beef")
     _fake_hf_cache(tmp_path, release, "funasr/campplus", "campplus", rev="cafe")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     out = tmp_path / "out"
     p = run_cli("all", "--src", release, "--out", out, "--quiet")
     assert f"w2v-bert: {snap} (in the Hugging Face cache (facebook/w2v-bert-2.0))" in p.stdout
-    for repo in ("nvidia/bigvgan_v2_22khz_80band_256x", "amphion/MaskGCT", "funasr/campplus"):
+    for repo in ("nvidia/bigvgan_tiny_demo", "amphion/MaskGCT", "funasr/campplus"):
         assert f"(in the Hugging Face cache ({repo}))" in p.stdout
     run_cli("check", out)
 
 
 def test_hf_home_fallback_and_missing_source(release, tmp_path, monkeypatch):
     shutil.rmtree(release / "bigvgan")
+    _name_vocoder(release, "nvidia/bigvgan_tiny_demo")
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
     p = run_cli("all", "--src", release, "--out", tmp_path / "out", expect=None)
-    assert_refused(p, "no bigvgan source found", str(release / "bigvgan"),
-                   str(tmp_path / "hfhome" / "hub" / "models--nvidia--bigvgan_v2_22khz_80band_256x"), "--bigvgan")
+    assert_refused(p, "1 source(s) not found", "bigvgan: looked in", str(release / "bigvgan"),
+                   str(tmp_path / "hfhome" / "hub" / "models--nvidia--bigvgan_tiny_demo"), "--bigvgan",
+                   "huggingface-cli download nvidia/bigvgan_tiny_demo bigvgan_generator.pt config.json")
     assert not (tmp_path / "out" / "gpt.safetensors").exists()  # refused before any work
 
 
@@ -175,7 +187,7 @@ def test_make_convert_default_runs_on_the_demo(tmp_path):
     py = os.path.join(ROOT, ".venv", "bin", "python")
     subprocess.run(["make", "-s", "convert", f"OUT={out}", f"PYTHON={py}"], cwd=ROOT, check=True, capture_output=True)
     subprocess.run(["make", "-s", "check", f"OUT={out}"], cwd=ROOT, check=True, capture_output=True)
-    assert sorted(os.listdir(out)) == sorted(OUTS + ["manifest.json"])
+    assert sorted(os.listdir(out)) == sorted(OUTS + COPIED + ["manifest.json"])
 
 
 def test_verify_every_demo_output(release, tmp_path):
@@ -199,7 +211,8 @@ def test_up_to_date_run_hashes_nothing_and_sources_are_hashed_before_their_outpu
 
     asked, events = [], []
     real_request, real_convert = SERVICE.request, engine.convert
-    monkeypatch.setattr(SERVICE, "request", lambda p: (asked.append(os.path.basename(p)), real_request(p))[1])
+    # (the copied bundle files are hashed after the conversion sources; they are left out here)
+    monkeypatch.setattr(SERVICE, "request", lambda p: (None if COPIED[1] in p else asked.append(os.path.basename(p)), real_request(p))[1])
     monkeypatch.setattr(engine, "convert", lambda kind, *a, **k: (events.append(("convert", kind, len(asked))), real_convert(kind, *a, **k))[1])
     out = tmp_path / "out"
     rel.convert_all(str(release), str(out), {}, "keep", False, True, False, echo=lambda m: None)

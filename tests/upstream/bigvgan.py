@@ -105,9 +105,14 @@ def folded_copy(m):
     return m
 
 
+# The demo vocoder's mel settings are the demo s2mel's (tests/upstream/s2mel.py DEMO_SPECT).
+DEMO = {**TINY, "n_fft": 32, "win_size": 32, "fmin": 0, "fmax": None}
+DEMO_NAME = "bigvgan"  # config.yaml vocoder.name: the release's own bigvgan/ folder
+
+
 def demo_config() -> dict:
-    return {}  # BigVGAN carries its own config.json
+    return {"vocoder": {"type": "bigvgan", "name": DEMO_NAME}}
 
 
 def write_demo(release_dir: str, config: dict) -> None:
-    save_release(build(seed=2026), os.path.join(release_dir, "bigvgan"))
+    save_release(build(DEMO, seed=2026), os.path.join(release_dir, config["vocoder"]["name"]), DEMO)

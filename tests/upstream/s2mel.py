@@ -153,9 +153,16 @@ def folded(m):
     return m
 
 
+# The demo's mel front end: one mel frame per demo-BigVGAN hop (prod(upsample_rates) = 8
+# samples), so the demo bundle's files agree with each other as a release's do.
+DEMO_SPECT = {"n_fft": 32, "win_length": 32, "hop_length": 8, "n_mels": 8, "fmin": 0, "fmax": "None"}
+
+
 def demo_config() -> dict:
     # depth 3 (layer 0 emits the U-ViT skip, layer 2 receives it) keeps the file small
-    return {"s2mel": variant(depth=3)}
+    cfg = variant(depth=3)
+    cfg["preprocess_params"]["spect_params"] = dict(DEMO_SPECT)
+    return {"s2mel": cfg}
 
 
 def write_demo(release_dir: str, config: dict) -> None:

@@ -105,12 +105,17 @@ def folded(m):
     return m
 
 
+# The demo's codebook has one row per plain GPT mel code (the demo GPT has 18 codes, two
+# of them start/stop), as the release's 8192 rows match its 8194 codes.
+DEMO = {**TINY, "codebook_size": 16}
+
+
 def demo_config() -> dict:
-    return {"semantic_codec": dict(TINY)}
+    return {"semantic_codec": dict(DEMO)}
 
 
 def write_demo(release_dir: str, config: dict) -> None:
     """release_dir/MaskGCT/semantic_codec/model.safetensors (the HF repo's layout; upstream
     downloads it from amphion/MaskGCT)."""
-    save_release(build(config.get("semantic_codec", TINY), seed=2026), os.path.join(release_dir, "MaskGCT"),
+    save_release(build(config.get("semantic_codec", DEMO), seed=2026), os.path.join(release_dir, "MaskGCT"),
                  write_config=False)

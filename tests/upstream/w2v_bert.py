@@ -101,6 +101,15 @@ def save_plain(m, folder: str) -> str:
     return folder
 
 
+def save_preprocessor(folder: str) -> str:
+    """preprocessor_config.json as facebook/w2v-bert-2.0 has it: the feature extractor
+    IndexTTS-2 loads (SeamlessM4TFeatureExtractor; the repo sets padding_value 1)."""
+    from transformers import SeamlessM4TFeatureExtractor
+
+    SeamlessM4TFeatureExtractor(padding_value=1.0).save_pretrained(folder)
+    return os.path.join(folder, "preprocessor_config.json")
+
+
 def save_snapshot(m, hub: str, rev: str = "da985ba0987f70aaeb84a80f2851cfac8c697a7b") -> str:
     """Lay the model out as the Hugging Face cache does:
     hub/models--facebook--w2v-bert-2.0/{blobs/<sha256>, snapshots/<rev>/<file> -> ../../blobs/<sha256>}.
@@ -150,4 +159,5 @@ def write_demo(release_dir: str, config: dict) -> None:
     demo's features do not fit a real-size gpt)."""
     m = build(DEMO, seed=0)
     save_plain(m, os.path.join(release_dir, "w2v-bert-2.0"))
+    save_preprocessor(os.path.join(release_dir, "w2v-bert-2.0"))
     write_stats(os.path.join(release_dir, "wav2vec2bert_stats.pt"), stats(DEMO["hidden_size"]))

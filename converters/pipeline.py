@@ -1,0 +1,264 @@
+"""The pipeline contract: what a runtime needs besides the weights, and the rules that
+the files of one bundle must satisfy together.
+
+:func:`build` gives the values ``convert.py all`` writes to ``manifest.json`` under
+``"pipeline"``; ``canonical_schema.json`` ``"pipeline"`` documents every key.  Each value
+comes from a canonical file's metadata ``config`` where the release configures it, and
+otherwise from the constant below, which says where upstream hard-codes it:
+
+- ``sample_rates``: the rate each audio input is resampled to
+- ``front_ends``: the three feature extractors (w2v-bert's SeamlessM4T filterbank,
+  CAMPPlus's Kaldi filterbank, the s2mel mel spectrogram), every parameter named
+- ``flow``: which output feeds which input, in order, with shapes
+- ``tokens``: the special token ids and the text tokenizer
+- ``inference``: the constants infer_v2 hard-codes between the models (mel frames per
+  code, diffusion steps, CFG rate, sampling defaults)
+
+:func:`cross_file_problems` checks, from the canonical files' configs alone, that the
+dims shared between files agree (``check DIR`` runs it; torch-free).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+# ------------------------------------------------------------------ upstream constants
+
+# transformers' SeamlessM4TFeatureExtractor (what infer_v2 loads for facebook/w2v-bert-2.0),
+# constants of its _extract_fbank_features / __init__ that preprocessor_config.json cannot set.
+SEAMLESS_FBANK = {
+    "waveform_scale": 32768.0,  # samples are multiplied by 2**15 (Kaldi's 16-bit convention)
+    "frame_length": 400,  # 25 ms at 16 kHz
+    "hop_length": 160,  # 10 ms
+    "fft_length": 512,
+    "window": "povey",  # hann(400, periodic=False) ** 0.85
+    "preemphasis": 0.97,
+    "remove_dc_offset": True,
+    "power": 2.0,
+    "center": False,
+    "mel_scale": "kaldi",  # 1127 * ln(1 + f / 700), triangles in mel space
+    "mel_fmin": 20.0,
+    "mel_fmax": "sampling_rate / 2",
+    "mel_norm": None,
+    "mel_floor": 1.192092955078125e-07,
+    "log": "natural",
+    "normalize": "per utterance and mel bin over the valid frames: (x - mean) / sqrt(var + 1e-7)",
+    "stack": "stride consecutive frames concatenated (an odd last frame dropped): [T, num_mel_bins] -> [T // stride, num_mel_bins * stride]",
+}
+# Its class defaults, used when the w2v-bert folder has no preprocessor_config.json.
+SEAMLESS_DEFAULTS = {"feature_size": 80, "num_mel_bins": 80, "sampling_rate": 16000, "stride": 2, "padding_value": 0.0}
+SEAMLESS_KEYS = ("feature_size", "num_mel_bins", "sampling_rate", "stride", "padding_value")
+
+# torchaudio.compliance.kaldi.fbank(audio_16k, num_mel_bins=80, dither=0, sample_frequency=16000)
+# as infer_v2 calls it for CAMPPlus, with torchaudio's defaults spelled out.
+KALDI_FBANK = {
+    "sampling_rate": 16000,
+    "num_mel_bins": 80,
+    "waveform_scale": 1.0,  # float samples in [-1, 1], not scaled
+    "frame_length_ms": 25.0,
+    "frame_shift_ms": 10.0,
+    "fft_length": 512,  # round_to_power_of_two
+    "window": "povey",
+    "preemphasis": 0.97,
+    "remove_dc_offset": True,
+    "dither": 0.0,
+    "snip_edges": True,
+    "power": 2.0,
+    "mel_scale": "kaldi",
+    "mel_fmin": 20.0,
+    "mel_fmax": "sampling_rate / 2",
+    "log_floor": 1.1920928955078125e-07,  # torch.finfo(float32).eps
+    "use_energy": False,
+    "mean_normalize": "feat - feat.mean(dim=0) over time (infer_v2), no variance normalisation",
+}
+
+# indextts.s2mel.modules.audio.mel_spectrogram, with the sizes from the s2mel config.
+MEL_CONSTANTS = {
+    "window": "hann (periodic), win_length",
+    "pad": "reflect, (n_fft - hop_length) // 2 on both sides",
+    "center": False,
+    "magnitude": "sqrt(re**2 + im**2 + 1e-9)",
+    "mel_scale": "slaney (librosa default, htk=False)",
+    "mel_norm": "slaney",
+    "log": "log(clamp(mel, min=1e-5))",
+}
+
+# infer_v2.py: values hard-coded between the models.
+INFERENCE = {
+    "mel_frames_per_code": 1.72,  # target_lengths = (code_lens * 1.72).long()
+    "diffusion_steps": 25,
+    "inference_cfg_rate": 0.7,  # dphi = (1 + rate) * cond - rate * uncond; uncond has zero prompt, style and condition
+    "cfm_solver": "Euler over linspace(0, 1, diffusion_steps + 1); x starts as N(0, 1); the prompt frames of x are zeroed after each step",
+    "max_reference_audio_s": 15,
+    "output_clamp": [-1.0, 1.0],
+    "interval_silence_ms": 200,
+    "generation": {"do_sample": True, "top_p": 0.8, "top_k": 30, "temperature": 0.8, "num_beams": 3,
+                   "repetition_penalty": 10.0, "length_penalty": 0.0, "max_mel_tokens": 1500},
+    "conditioning_lengths": "infer_v2 passes spk_cond_emb.shape[-1] (the feature width) as the length, so nothing is masked",
+}
+
+
+def seamless_params(w2v_folder: str | None) -> dict:
+    """The w2v-bert front end's settings: ``preprocessor_config.json`` beside the model
+    when there is one, else the feature extractor's class defaults (said so)."""
+    path = os.path.join(w2v_folder, "preprocessor_config.json") if w2v_folder else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            raw = json.load(f)
+        vals = {k: raw.get(k, SEAMLESS_DEFAULTS[k]) for k in SEAMLESS_KEYS}
+        source = "preprocessor_config.json of the w2v-bert source (SeamlessM4TFeatureExtractor)"
+    else:
+        vals = dict(SEAMLESS_DEFAULTS)
+        source = "SeamlessM4TFeatureExtractor class defaults: the w2v-bert source has no preprocessor_config.json"
+    return {**vals, **SEAMLESS_FBANK, "source": source}
+
+
+def build(configs: dict[str, dict], w2v_folder: str | None = None) -> dict:
+    """The pipeline values for a bundle whose canonical files have these configs
+    (``{model kind: metadata config}``; every kind must be present)."""
+    gpt, s2, w2v, codec = configs["gpt"], configs["s2mel"], configs["w2v-bert"], configs["semantic-codec"]
+    voc, cam = configs["bigvgan"], configs["campplus"]
+    seam = seamless_params(w2v_folder)
+    feat_in = seam["num_mel_bins"] * seam["stride"]
+    h = w2v["hidden_size"]
+    mel = {
+        "sampling_rate": s2["sampling_rate"], "n_fft": s2["n_fft"], "win_length": s2["win_length"],
+        "hop_length": s2["hop_length"], "n_mels": s2["n_mels"], "fmin": s2["fmin"],
+        "fmax": s2["fmax"] if s2["fmax"] is not None else "sampling_rate / 2",
+        **MEL_CONSTANTS, "source": "s2mel config (preprocess_params.spect_params), indextts/s2mel/modules/audio.py",
+    }
+    norm_index = w2v.get("indextts2_hidden_state_index", 17)
+    semantic_out = ("the encoder's last hidden state (statistics folded in, --profile indextts2)"
+                    if w2v.get("profile") == "indextts2" else
+                    f"(hidden_states[{norm_index}] - semantic_stats.mean) / semantic_stats.std")
+    flow = [
+        {"step": "semantic_features", "file": "w2v_bert.safetensors", "upstream": "infer_v2.get_emb",
+         "inputs": {"input_features": f"[B, T_feat, {feat_in}] (front_ends.w2v_bert_features of 16 kHz audio)",
+                    "attention_mask": "[B, T_feat]"},
+         "outputs": {"feature": f"[B, T_feat, {h}] = {semantic_out}"},
+         "used_as": "spk_cond_emb (speaker reference audio) and emo_cond_emb (emotion reference audio)"},
+        {"step": "semantic_codes", "file": "semantic_codec.safetensors", "upstream": "semantic_codec.quantize(spk_cond_emb)",
+         "inputs": {"spk_cond_emb": f"[1, T_feat, {codec['hidden_size']}]"},
+         "outputs": {"codes": "[1, T_feat] int64 (unused)", "S_ref": f"[1, T_feat, {codec['hidden_size']}] quantized embedding"}},
+        {"step": "reference_mel", "file": None, "upstream": "infer_v2.mel_fn",
+         "inputs": {"audio": f"speaker reference audio at {s2['sampling_rate']} Hz"},
+         "outputs": {"ref_mel": f"[1, {s2['n_mels']}, T_mel] (front_ends.s2mel_mel)"}},
+        {"step": "style", "file": "campplus.safetensors", "upstream": "campplus_model(feat.unsqueeze(0))",
+         "inputs": {"fbank": f"[1, T_fbank, {cam['feat_dim']}] (front_ends.campplus_fbank of 16 kHz audio)"},
+         "outputs": {"style": f"[1, {cam['embedding_size']}]"}},
+        {"step": "prompt_condition", "file": "s2mel.safetensors", "upstream": "length_regulator(S_ref, ylens=[T_mel])[0]",
+         "inputs": {"S_ref": f"[1, T_feat, {codec['hidden_size']}]", "ylens": "[1] = T_mel"},
+         "outputs": {"prompt_condition": f"[1, T_mel, {s2['length_regulator_channels']}]"}},
+        {"step": "emotion_vector", "file": "gpt.safetensors", "upstream": "gpt.merge_emovec(spk_cond_emb, emo_cond_emb, lengths, lengths, alpha)",
+         "inputs": {"spk_cond_emb": f"[1, T_feat, {h}]", "emo_cond_emb": f"[1, T_emo, {h}]", "alpha": "emotion strength, 1.0 without an emotion reference"},
+         "outputs": {"emovec": f"[1, {gpt['model_dim']}]"},
+         "optional": "with an explicit emotion vector w (one weight per emo_num group): emovec = emotion_mix(speaker_matrix, "
+                     "emotion_matrix, style, w) + (1 - sum(w)) * emovec"},
+        {"step": "speech_conditioning", "file": "gpt.safetensors", "upstream": "gpt.get_conditioning(spk_cond_emb.transpose(1, 2), lengths)",
+         "inputs": {"spk_cond_emb": f"[1, {gpt['conditioning_encoder']['input_size']}, T_feat]"},
+         "outputs": {"conditioning": f"[1, {gpt['condition_num_latent']}, {gpt['model_dim']}]"}},
+        {"step": "codes", "file": "gpt.safetensors", "upstream": "gpt.inference_speech (autoregressive sampling, inference.generation)",
+         "inputs": {"text_tokens": "[1, T_text] ids from the tokenizer", "conditioning": "as above", "emovec": "as above"},
+         "outputs": {"codes": f"[1, T_codes] in [0, {gpt['number_mel_codes']}), cut at the first stop_mel_token"}},
+        {"step": "latents", "file": "gpt.safetensors", "upstream": "gpt(conditioning, text_tokens, ..., codes, ..., emo_vec=emovec) (teacher-forced)",
+         "outputs": {"latent": f"[1, T_codes, {gpt['model_dim']}]"}},
+        {"step": "latent_projection", "file": "s2mel.safetensors", "upstream": "s2mel gpt_layer(latent)",
+         "outputs": {"latent": f"[1, T_codes, {s2['gpt_layer_dims'][-1]}]"}},
+        {"step": "code_embeddings", "file": "semantic_codec.safetensors", "upstream": "semantic_codec.quantizer.vq2emb(codes.unsqueeze(1)).transpose(1, 2)",
+         "outputs": {"S_infer": f"[1, T_codes, {codec['hidden_size']}], then S_infer + latent"}},
+        {"step": "target_condition", "file": "s2mel.safetensors", "upstream": "length_regulator(S_infer, ylens=(code_lens * 1.72).long())[0]",
+         "outputs": {"cond": f"[1, T_target, {s2['length_regulator_channels']}]"}},
+        {"step": "mel", "file": "s2mel.safetensors", "upstream": "cfm.inference(cat([prompt_condition, cond], 1), [T_mel + T_target], ref_mel, style, None, 25, 0.7)",
+         "outputs": {"mel": f"[1, {s2['n_mels']}, T_mel + T_target]; the runtime keeps frames T_mel onwards"}},
+        {"step": "waveform", "file": "bigvgan.safetensors", "upstream": "bigvgan(mel)",
+         "inputs": {"mel": f"[1, {voc['num_mels']}, T_target]"},
+         "outputs": {"wav": f"[1, 1, T_target * {_prod(voc['upsample_rates'])}] at {voc.get('sampling_rate', s2['sampling_rate'])} Hz, clamped to [-1, 1]"}},
+    ]
+    return {
+        "sample_rates": {
+            "semantic_features_hz": seam["sampling_rate"],
+            "speaker_fbank_hz": KALDI_FBANK["sampling_rate"],
+            "mel_hz": s2["sampling_rate"],
+            "output_hz": voc.get("sampling_rate", s2["sampling_rate"]),
+        },
+        "front_ends": {
+            "w2v_bert_features": seam,
+            "campplus_fbank": {**KALDI_FBANK, "source": "torchaudio.compliance.kaldi.fbank as infer_v2 calls it"},
+            "s2mel_mel": mel,
+        },
+        "semantic_hidden_state": {"index": norm_index, "profile": w2v.get("profile", "full"), "value": semantic_out},
+        "flow": flow,
+        "tokens": {
+            "start_text_token": gpt["start_text_token"], "stop_text_token": gpt["stop_text_token"],
+            "start_mel_token": gpt["start_mel_token"], "stop_mel_token": gpt["stop_mel_token"],
+            "number_text_tokens": gpt["number_text_tokens"], "number_mel_codes": gpt["number_mel_codes"],
+            "codebook_size": codec["codebook_size"],
+        },
+        "inference": INFERENCE,
+    }
+
+
+def _prod(xs) -> int:
+    n = 1
+    for x in xs:
+        n *= x
+    return n
+
+
+# ------------------------------------------------------------------ cross-file rules
+
+
+def _rules():
+    """(kinds, rule as canonical_schema.json "pipeline.cross_file_rules" states it, why,
+    test(configs) -> (ok, the values shown when it fails))."""
+    def eq(a_kind, a_key, b_kind, b_key, why):
+        def test(c):
+            a, b = c[a_kind][a_key], c[b_kind][b_key]
+            return a == b, f"{a_kind} {a_key} = {a!r}, {b_kind} {b_key} = {b!r}"
+        return (a_kind, b_kind), f"{a_kind} {a_key} == {b_kind} {b_key}", why, test
+
+    def codes(c):
+        g, q = c["gpt"], c["semantic-codec"]
+        plain = set(range(g["number_mel_codes"])) - {g["start_mel_token"], g["stop_mel_token"]}
+        ok = plain == set(range(q["codebook_size"]))
+        return ok, (f"gpt number_mel_codes = {g['number_mel_codes']} (start {g['start_mel_token']}, stop {g['stop_mel_token']}), "
+                    f"semantic-codec codebook_size = {q['codebook_size']}")
+
+    def hop(c):
+        v, s2 = c["bigvgan"], c["s2mel"]
+        ok = s2["hop_length"] == v["hop_size"] == _prod(v["upsample_rates"])
+        return ok, f"s2mel hop_length = {s2['hop_length']}, bigvgan hop_size = {v['hop_size']}, prod(upsample_rates) = {_prod(v['upsample_rates'])}"
+
+    return [
+        eq("s2mel", "n_mels", "bigvgan", "num_mels", "the mel the DiT writes is the mel BigVGAN reads"),
+        (("s2mel", "bigvgan"), "s2mel hop_length == bigvgan hop_size == prod(bigvgan upsample_rates)",
+         "one mel frame is hop_length samples on both sides", hop),
+        eq("s2mel", "sampling_rate", "bigvgan", "sampling_rate", "the mel and the waveform have one sample rate"),
+        eq("campplus", "embedding_size", "s2mel", "style_dim", "the CAMPPlus style vector conditions the DiT"),
+        eq("campplus", "embedding_size", "speaker-matrix", "style_dim", "the style vector is compared with the speaker matrix rows"),
+        eq("speaker-matrix", "emo_num", "emotion-matrix", "emo_num", "the two matrices are grouped row for row"),
+        eq("emotion-matrix", "model_dim", "gpt", "model_dim", "the emotion matrix rows are GPT emotion vectors"),
+        (("gpt", "semantic-codec"), "gpt mel codes other than start/stop == range(semantic-codec codebook_size)",
+         "every code the GPT writes is a codebook row for vq2emb", codes),
+        eq("w2v-bert", "hidden_size", "semantic-codec", "hidden_size", "the semantic features are the codec's input"),
+    ]
+
+
+RULES = [r[1] for r in _rules()]
+
+
+def cross_file_problems(configs: dict[str, dict], files: dict[str, str]) -> list[str]:
+    """Every rule whose files are all present and disagree, naming both files and values.
+    ``configs`` and ``files`` map model kinds to metadata configs and file paths."""
+    errs = []
+    for kinds, rule, what, test in _rules():
+        if not all(k in configs for k in kinds):
+            continue
+        try:
+            ok, shown = test(configs)
+        except (KeyError, TypeError) as e:
+            ok, shown = False, f"a config lacks {e}"
+        if not ok:
+            errs.append(f"{' and '.join(files[k] for k in kinds)} do not belong together: {shown}; the rule is {rule} ({what})")
+    return errs
