@@ -123,10 +123,15 @@ def child(method: str, files: list[str], device: str, threads: int, piece: int) 
         sds = [load_file(f, device=device) for f in files]
         if not cuda:
             _touch(t for sd in sds for t in sd.values())
-    elif method == "ours":
-        out = rl.load(files, device=device, threads=threads, piece_bytes=piece)
+    elif method == "ours" or method.startswith("ours-"):
+        staging = method[len("ours-"):] if method.startswith("ours-") else "pinned"
+        timings: dict = {}
+        out = rl.load(files, device=device, threads=threads, piece_bytes=piece, staging=staging, timings=timings)
         if not cuda:
             _touch(t for f in out.values() for t in f.tensors.values())
+        else:
+            torch.cuda.synchronize()
+        return {"s": time.perf_counter() - t0, "bytes": nbytes, "timings": {k: round(v, 4) for k, v in timings.items()}}
     elif method == "page_cache":
         nbytes = _page_cache(files, threads, piece)
     elif method == "h2d":
@@ -196,7 +201,7 @@ def _run_child(method, files, device, threads, piece) -> dict:
 
 
 def measure(folder: str, device: str = "cuda", runs: int = 5, cold: bool = False, threads: int | None = None,
-            piece: int | None = None, grid: bool = True, log=print) -> dict:
+            piece: int | None = None, grid: bool = True, log=print, methods: list[str] | None = None) -> dict:
     from reference.load import MAX_THREADS, PIECE_BYTES
 
     files = large_files(folder)
@@ -205,12 +210,14 @@ def measure(folder: str, device: str = "cuda", runs: int = 5, cold: bool = False
     nbytes = sum(os.path.getsize(f) for f in files)
     res = {"device": device, "files": [os.path.basename(f) for f in files], "bytes": nbytes, "threads": threads,
            "piece_mib": piece >> 20, "warm": {}, "cold": {}}
-    methods = ["load_file", "ours", "page_cache"] + (["h2d"] if device.startswith("cuda") else [])
+    methods = methods or ["load_file", "ours", "page_cache"] + (["h2d"] if device.startswith("cuda") else [])
     _warm(files)
     for _ in range(runs):  # alternate, so a noisy neighbour hurts every method alike
         for m in methods:
             r = _run_child(m, files, device, threads, piece)
             res["warm"].setdefault(m, []).append(round(r["s"], 4))
+            if "timings" in r:
+                res.setdefault("timings", {}).setdefault(m, []).append(r["timings"])
     if cold:
         for _ in range(runs):
             for m in ("load_file", "ours"):

@@ -20,11 +20,13 @@ How it reads:
 - ``device="cpu"``: the file is memory-mapped (copy-on-write, so writing to a tensor
   never changes the file) and the tensors are views into the mapping; nothing is read
   until it is used.
-- ``device="cuda"``: ``threads`` workers each own two pinned staging buffers and a
-  CUDA stream.  They ``pread`` pieces of ``piece_bytes`` of the data sections (of every
-  file, from one shared queue) into a staging buffer while the other buffer's previous
-  piece is still being copied to the device on the worker's stream.  Where pinned memory
-  cannot be had, the same path runs with ordinary buffers.
+- ``device="cuda"``: ``threads`` workers (default: up to 16) each own two staging
+  buffers, carved from one pinned allocation, and a CUDA stream.  They ``pread`` pieces
+  of ``piece_bytes`` (default 8 MiB) of the data sections (of every file, from one
+  shared queue) into a staging buffer while the other buffer's previous piece is still
+  being copied to the device on the worker's stream.  Where pinned memory cannot be
+  had (or ``staging="pageable"``), the same path runs with ordinary buffers and
+  synchronous copies.  ``timings`` (a dict) receives the setup and read/copy times.
 - any other device: the CPU mapping, copied to the device in one transfer.
 
 Every header is validated first (:func:`reference.header.read_header`'s strict rules,
@@ -48,7 +50,7 @@ DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-PIECE_BYTES = 16 << 20  # one staging transfer
+PIECE_BYTES = 8 << 20  # one staging transfer (measured best of 4, 8 and 16 MiB on an H100 host)
 MAX_THREADS = 16
 
 
@@ -113,7 +115,8 @@ def files_in(path: str) -> list[str]:
 
 
 def load(path, device: str | torch.device = "cuda", threads: int | None = None,
-         piece_bytes: int = PIECE_BYTES, staged: bool | None = None):
+         piece_bytes: int = PIECE_BYTES, staged: bool | None = None, staging: str = "pinned",
+         timings: dict | None = None):
     """Load one canonical file (a :class:`CanonicalFile`), or every ``.safetensors``
     file of a folder or of a list of paths (``{model kind: CanonicalFile}``), onto
     ``device``.
@@ -133,7 +136,10 @@ def load(path, device: str | torch.device = "cuda", threads: int | None = None,
     if staged is None:
         staged = device.type == "cuda"
     if staged:
-        buffers = _read_staged(headers, device, threads or min(MAX_THREADS, os.cpu_count() or 1), piece_bytes)
+        if staging not in STAGING:
+            raise ValueError(f"staging must be one of {', '.join(STAGING)}, not {staging!r}")
+        buffers = _read_staged(headers, device, threads or min(MAX_THREADS, os.cpu_count() or 1), piece_bytes,
+                               staging, timings)
     else:
         buffers = [_mapped(h) for h in headers]
         if device.type != "cpu":
@@ -220,7 +226,21 @@ def _reader(path: str):
     return read, f.close
 
 
-def _read_staged(headers: list[Header], device: torch.device, threads: int, piece: int) -> list[torch.Tensor]:
+STAGING = ("pinned", "pageable")
+
+
+def _read_staged(headers: list[Header], device: torch.device, threads: int, piece: int,
+                 staging: str = "pinned", timings: dict | None = None) -> list[torch.Tensor]:
+    """Read every file's data section into one device buffer per file: ``threads``
+    workers take ``piece``-byte pieces from a shared queue, ``pread`` each into one of
+    their two staging buffers and copy it to the device on their own CUDA stream while
+    reading the next.  ``staging="pinned"`` carves the staging buffers from one pinned
+    allocation (measured on an H100 host: one ``cudaHostAlloc`` of 256 MiB cost half of
+    what 32 separate ones did); ``"pageable"`` (or pinned memory refused) uses ordinary
+    buffers and synchronous copies."""
+    import time
+
+    t0 = time.perf_counter()
     cuda = device.type == "cuda"
     dests = [torch.empty(h.file_size - h.data_start, dtype=torch.uint8, device=device) for h in headers]
     items = [(k, off, min(piece, dests[k].numel() - off))
@@ -228,13 +248,17 @@ def _read_staged(headers: list[Header], device: torch.device, threads: int, piec
     queue = _Queue(items)
     threads = max(1, min(threads, len(items)))
     errors: list[BaseException] = []
+    size = min(piece, max((n for _, _, n in items), default=1))
+    block = _staging(threads * 2 * size, pinned=cuda and staging == "pinned")
+    overlap = block.is_pinned()  # asynchronous copies need pinned memory
+    t1 = time.perf_counter()
 
-    def work():
+    def work(i: int):
         handles: dict[int, tuple] = {}
         try:
-            stream = torch.cuda.Stream(device) if cuda else None
-            staging = [_staging(min(piece, max(n for _, _, n in items)), cuda) for _ in range(2)]
-            views = [_bytes_view(s) for s in staging]
+            stream = torch.cuda.Stream(device) if overlap else None
+            bufs = [block[(2 * i + j) * size:(2 * i + j + 1) * size] for j in range(2)]
+            views = [_bytes_view(b) for b in bufs]
             done: list = [None, None]  # per staging buffer: the event of its last copy
             slot = 0
             while not errors:
@@ -250,13 +274,13 @@ def _read_staged(headers: list[Header], device: torch.device, threads: int, piec
                 if got != n:
                     raise LoadError(f"{headers[k].path}: file ended {n - got} bytes early at offset "
                                     f"{headers[k].data_start + off + got}; it changed while loading")
-                if cuda:
+                if stream is not None:
                     with torch.cuda.stream(stream):
-                        dests[k][off:off + n].copy_(staging[slot][:n], non_blocking=True)
+                        dests[k][off:off + n].copy_(bufs[slot][:n], non_blocking=True)
                         done[slot] = torch.cuda.Event()
                         done[slot].record(stream)
                 else:
-                    dests[k][off:off + n].copy_(staging[slot][:n])
+                    dests[k][off:off + n].copy_(bufs[slot][:n])
                 slot ^= 1
             if stream is not None:
                 stream.synchronize()
@@ -266,13 +290,15 @@ def _read_staged(headers: list[Header], device: torch.device, threads: int, piec
             for _, close in handles.values():
                 close()
 
-    pool = [threading.Thread(target=work, name=f"load-{i}") for i in range(threads)]
+    pool = [threading.Thread(target=work, args=(i,), name=f"load-{i}") for i in range(threads)]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
     if errors:
         raise errors[0]
+    if timings is not None:
+        timings.update({"setup_s": t1 - t0, "read_copy_s": time.perf_counter() - t1, "pinned": overlap})
     return dests
 
 
