@@ -14,9 +14,10 @@ device (no memory, no init) at the released configs:
 - ``bigvgan/{bigvgan_generator.pt, config.json}``: ``{"generator": sd}`` with
   ``weight_g``/``weight_v``, at ``bigvgan_v2_22khz_80band_256x``'s config
 - the small models ``convert.py all`` also converts (``feat1.pt``, ``feat2.pt``, the
-  MaskGCT semantic codec, CAMPPlus) at the tiny demo size of ``tests/upstream``; at
-  full size they are a few hundred MB next to ~7 GB, and the targets are about the four
-  big files
+  MaskGCT semantic codec, CAMPPlus) by the demo builders of ``tests/upstream``, sized by
+  the release config where it has a section (the matrices' grouping and widths, the
+  codec), else at demo size (CAMPPlus: the release hard-codes it); the targets are about
+  the four big files
 
 ``size="tiny"`` uses the tiny configs of ``tests/upstream`` instead (for the smoke test).
 A folder is reused when its ``.complete`` stamp matches; files are written under
@@ -41,7 +42,7 @@ SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 RELEASE_YAML = os.path.join(SHARED, "indextts2_config.yaml")
 BIGVGAN_JSON = os.path.join(SHARED, "bigvgan_v2_22khz_80band_256x_config.json")
 STAMP = ".complete"
-VERSION = 2  # bump when the layout changes, so old caches are regenerated
+VERSION = 3  # bump when the layout changes, so old caches are regenerated
 S2MEL_PARTS = ("cfm", "length_regulator", "gpt_layer")
 # The release's small models, which `convert.py all` also converts: written by their
 # tiny demo builders (tests/upstream/<name>.py), not at full size.
@@ -59,7 +60,10 @@ def configs(size: str) -> dict:
     if size == "tiny":
         from tests.upstream import bigvgan as ub, gpt as ug, s2mel as us, w2v_bert as uw
 
-        return {"yaml": {"gpt": ug.config(), "s2mel": copy.deepcopy(us.TINY)}, "w2v": dict(uw.TINY), "bigvgan": dict(ub.TINY)}
+        # the demo's mel and vocoder settings, so the tiny files agree with each other (check's cross-file rules)
+        s2 = copy.deepcopy(us.TINY)
+        s2["preprocess_params"]["spect_params"] = dict(us.DEMO_SPECT)
+        return {"yaml": {"gpt": ug.config(), "s2mel": s2, **ub.demo_config()}, "w2v": dict(uw.TINY), "bigvgan": dict(ub.DEMO)}
     raise ValueError(f"size must be 'full' or 'tiny', not {size!r}")
 
 
@@ -164,8 +168,9 @@ def ensure(folder: str, size: str = "full", log=print) -> str:
     files = release_files(folder)
     small = [importlib.import_module(f"tests.upstream.{m}") for m in SMALL_MODELS]
     doc = dict(cfg["yaml"])
-    for m in small:
-        doc.update(m.demo_config())
+    for m in small:  # sections the release config has (the codec's, emo_num) keep the release's values
+        for k, v in m.demo_config().items():
+            doc.setdefault(k, v)
     with open(files["config"], "w") as f:
         f.write("# Synthetic bench release: random weights, real names and shapes (bench/inputs.py).\n")
         yaml.safe_dump(doc, f, sort_keys=False)

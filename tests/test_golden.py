@@ -101,7 +101,7 @@ def test_port_parity_loop_with_the_reference_as_port(bundle):
 def test_check_refuses_golden_of_another_canonical_file(bundle, tmp_path):
     d = tmp_path / "b"
     shutil.copytree(bundle, d)
-    run_cli("s2mel", DEMO, d / "s2mel.safetensors", "--dtype", "float16", "--force", "--quiet")
+    run_cli("s2mel", DEMO, d / "s2mel.safetensors", "--dtype", "float32", "--force", "--quiet")  # the demo s2mel is float16
     errs = check_golden(str(d / "golden" / "s2mel.safetensors"))
     assert any("computed from another s2mel.safetensors" in e for e in errs), errs
     p = run_cli("check", d / "golden" / "s2mel.safetensors", expect=None)
@@ -133,7 +133,7 @@ def test_golden_needs_canonical_files(tmp_path):
 
 BLOCKER = r"""
 import importlib.abc, sys
-BLOCKED = ("converters", "indextts", "transformers", "yaml", "safetensors", "tests", "omegaconf", "einops", "numpy")
+BLOCKED = ("converters", "indextts", "transformers", "yaml", "safetensors", "tests", "omegaconf", "einops")
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
@@ -157,7 +157,7 @@ print(" ".join(ran))
 
 
 def test_reference_reads_only_canonical_files(bundle):
-    """Every entry point runs with upstream code, transformers, YAML, numpy, the
+    """Every entry point runs with upstream code, transformers, YAML, the
     converter and the safetensors library unimportable."""
     p = subprocess.run([sys.executable, "-c", BLOCKER, str(bundle)], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr
