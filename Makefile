@@ -8,7 +8,7 @@ SRC    ?= demo/release
 OUT    ?= canonical
 INDEXTTS2_INFERENCE := indextts2-inference==2.1.1
 
-.PHONY: convert test check bench demo clean
+.PHONY: convert test check golden bench demo clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ convert: $(VENV)/.runtime
 
 check: $(VENV)/.runtime
 	$(PY) convert.py check $(OUT)
+
+# Golden activations for ports: OUT/golden/<file>, computed by the reference runtime.
+golden: $(VENV)/.runtime
+	$(PY) convert.py golden $(OUT)
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q tests

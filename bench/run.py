@@ -28,6 +28,9 @@ Conversions and their copy baselines alternate, so a noisy neighbour hurts both.
    Where CUDA is available the pair also runs with ``device="cuda"`` (``load_file``
    straight to the GPU against ``torch.load(map_location="cuda")`` plus the transforms
    on the GPU, both synchronised), as extra rows.
+5. The reference loader (``reference/load.py``, issue 18): :mod:`bench.bulk_load` on the
+   four large outputs, against ``load_file`` and the page-cache (and, on a GPU, the
+   host-to-device) limits; cold too on a GPU.
 """
 
 from __future__ import annotations
@@ -410,6 +413,12 @@ def main(argv: list[str] | None = None) -> dict:
         result["load"] = bench_load(release, outs, args.runs, log)
         if result["machine"]["cuda"]:  # also on the GPU, where there is one
             result["load"].update(bench_load(release, outs, args.runs, log, device="cuda"))
+        # issue 18: the reference loader against load_file and the machine's limits
+        from . import bulk_load
+
+        result["bulk_load"] = {"cpu": bulk_load.measure(outs, "cpu", runs=args.runs, log=log)}
+        if result["machine"]["cuda"]:
+            result["bulk_load"]["cuda"] = bulk_load.measure(outs, "cuda", runs=args.runs, cold=True, log=log)
     finally:
         rmtree(work)
     result["verdicts"] = ok = verdicts(result)
@@ -421,6 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(result, f, indent=2)
     print(f"Machine: {describe(result['machine'])}")
     print(result["table"])
+    for res in result.get("bulk_load", {}).values():
+        print(res["table"])
     print(f"targets: {sum(ok.values())} of {len(ok)} met; JSON in {os.path.join(args.results, f'latest-{args.size}.json')}")
     return result
 

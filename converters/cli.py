@@ -181,21 +181,55 @@ _all_command()
 @click.argument("src", type=click.Path())
 @click.argument("out_file", type=click.Path())
 @click.option("--stats", type=click.Path(), default=None, help="w2v-bert statistics file, if not found beside SRC.")
-@click.option("--failures-only", is_flag=True, help="Print only tensors that do not match.")
+@click.option("--failures-only", is_flag=True, help="Print only tensors (or outputs) that do not match.")
+@click.option("--forward", is_flag=True,
+              help="Also run every reference entry point on OUT_FILE against upstream's own module loaded from SRC "
+                   "(needs indextts2-inference and transformers).")
+@click.option("--config", type=click.Path(), default=None,
+              help="With --forward: the config upstream is built from (default: the one beside SRC, as the converter finds it).")
 @guarded
-def verify_cmd(src, out_file, stats, failures_only):
-    """Recompute every tensor of OUT_FILE from SRC through its provenance and compare."""
+def verify_cmd(src, out_file, stats, failures_only, forward, config):
+    """Recompute every tensor of OUT_FILE from SRC through its provenance and compare.
+    With --forward, also compare the reference forward on OUT_FILE with upstream's."""
     from .verify import verify
+
+    if config and not forward:
+        raise ConvertError("--config is only read with --forward (the provenance check uses the config in OUT_FILE)")
+    extra = {"stats": stats} if stats else {}
+    if forward:  # a missing upstream package is reported before the provenance check runs
+        from .forward import import_upstream
+        from .verify import canonical_kind
+
+        import_upstream(canonical_kind(out_file)[0])
 
     def show(r):
         if not failures_only or not r.ok:
             click.echo(f"{'ok ' if r.ok else 'MISMATCH'} {r.name} max_abs_diff={r.max_abs_diff:.3g} (tolerance {r.tolerance:.3g}) {r.note}")
 
-    rows = verify(src, out_file, {"stats": stats} if stats else {}, on_row=show)
+    rows = verify(src, out_file, extra, on_row=show)
     bad = [r for r in rows if not r.ok]
     if bad:
         raise ConvertError(f"{out_file}: {len(bad)} of {len(rows)} tensors do not match their recomputation from {src}")
     click.echo(f"verified {out_file}: all {len(rows)} tensors match their recomputation from the source")
+    if forward:
+        _verify_forward(src, out_file, extra, config, failures_only)
+
+
+def _verify_forward(src, out_file, extra, config, failures_only):
+    from .forward import verify_forward
+
+    def show(r):
+        if not failures_only or not r.ok:
+            click.echo(f"{'ok ' if r.ok else 'MISMATCH'} forward {r.entry}.{r.output} max_abs_diff={r.max_abs_diff:.3g} "
+                       f"max_abs={r.max_abs:.3g} (tolerance {r.tolerance:.3g}){' ' + r.note if r.note else ''}")
+
+    rows = verify_forward(src, out_file, extra, config, on_row=show, echo=click.echo)
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        raise ConvertError(f"{out_file}: the reference forward differs from upstream's in "
+                           f"{', '.join(f'{r.entry}.{r.output}' for r in bad)}")
+    click.echo(f"forward-verified {out_file}: {len(rows)} outputs of {len({r.entry for r in rows})} entry points "
+               "match upstream's module loaded from the source")
 
 
 @main.command("check")

@@ -39,7 +39,8 @@ def _tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
     return float(torch.finfo(dtype).eps) * max(1.0, float(ref.abs().max()))
 
 
-def verify(src_path: str, out_path: str, extra: dict[str, str] | None = None, on_row=lambda r: None) -> list[Row]:
+def canonical_kind(out_path: str):
+    """(model kind, header) of a canonical file that passes the schema check; refuses others."""
     header = stio.read_header(out_path)
     kind = header.metadata.get("model")
     if header.metadata.get("schema") != schema.SCHEMA_NAME or kind not in engine.MODELS:
@@ -47,6 +48,11 @@ def verify(src_path: str, out_path: str, extra: dict[str, str] | None = None, on
     errs = schema.check(kind, {n: (i.dtype, i.shape) for n, i in header.tensors.items()}, header.metadata, out_path)
     if errs:
         raise ConvertError(f"{out_path}: fails the schema check:\n  " + "\n  ".join(errs[:20]))
+    return kind, header
+
+
+def verify(src_path: str, out_path: str, extra: dict[str, str] | None = None, on_row=lambda r: None) -> list[Row]:
+    kind, header = canonical_kind(out_path)
     mod = engine.model_module(kind)
     prov = json.loads(header.metadata["provenance"])
     config = json.loads(header.metadata["config"])

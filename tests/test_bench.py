@@ -25,6 +25,8 @@ def test_bench_smoke(tmp_path):
     assert set(saved["load"]) == set(run.OUT_NAMES)
     assert all(row["canonical_median_s"] > 0 and row["upstream_median_s"] > 0 for row in saved["load"].values())
     assert saved["machine"]["cpus"] >= 1
+    bl = saved["bulk_load"]["cpu"]
+    assert set(bl["warm"]) == {"load_file", "ours", "page_cache"} and all(r["median_s"] > 0 for r in bl["warm"].values())
     # The work folder (outputs, copies) is cleaned up; the inputs stay for reuse.
     assert sorted(os.listdir(tmp_path / "cache")) == ["release-tiny"]
     release = str(tmp_path / "cache" / "release-tiny")
