@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["memory"] = bench_memory(release, work, args.runs, log)
         outs = os.path.join(work, "outputs")
         subprocess.run([PY, CONVERT, "all", "--src", release, "--out", outs, "--quiet"], check=True, stdout=subprocess.DEVNULL)
-        result["check"] = bench_check(outs, max(args.runs, 5), log)
+        result["check"] = bench_check(outs, args.runs if args.size == "tiny" else max(args.runs, 5), log)
         result["load"] = bench_load(release, outs, args.runs, log)
         if result["machine"]["cuda"]:  # also on the GPU, where there is one
             result["load"].update(bench_load(release, outs, args.runs, log, device="cuda"))

@@ -16,10 +16,27 @@ from converters import ops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args: str, expect: int | None = 0) -> subprocess.CompletedProcess:
-    """Run ``convert.py`` in a subprocess, as a user would."""
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), *map(str, args)],
-                       capture_output=True, text=True, cwd=ROOT)
+def run_cli(*args: str, expect: int | None = 0, process: bool = False) -> subprocess.CompletedProcess:
+    """Run the command line as a user would: in this process through click's runner (the
+    same ``main`` with the same options, output and exit code, without paying for a
+    Python start and ``import torch`` per call), or with ``process=True`` as
+    ``python convert.py`` in a subprocess, for what only a process shows (tracebacks
+    with --debug, the real exit path)."""
+    if process:
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), *map(str, args)],
+                           capture_output=True, text=True, cwd=ROOT)
+    else:
+        from click.testing import CliRunner
+
+        from converters import cli
+
+        here = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            r = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+        finally:
+            os.chdir(here)
+        p = subprocess.CompletedProcess(["convert.py", *map(str, args)], r.exit_code, r.stdout, r.stderr)
     if expect is not None:
         assert p.returncode == expect, f"exit {p.returncode}, expected {expect}\nstdout: {p.stdout}\nstderr: {p.stderr}"
     return p

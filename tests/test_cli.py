@@ -158,7 +158,7 @@ def test_overflow_in_the_cast_is_refused(tmp_path, release):
 
 
 def test_debug_shows_traceback(tmp_path):
-    p = run_cli("bigvgan", tmp_path / "nope", tmp_path / "o.safetensors", "--debug", expect=None)
+    p = run_cli("bigvgan", tmp_path / "nope", tmp_path / "o.safetensors", "--debug", expect=None, process=True)
     assert p.returncode != 0 and "Traceback" in p.stderr
 
 
