@@ -2,7 +2,6 @@
 a device, ``reference.load.load`` against ``safetensors.torch.load_file``.
 
     python -m bench.bulk_load measure DIR [--device cuda|cpu] [--runs N] [--cold] [--json FILE]
-    python -m bench.bulk_load snapshot CANONICAL_DIR LAYOUT.json
     python -m bench.bulk_load synth LAYOUT.json OUT_DIR
 
 ``measure`` times, each in a fresh process (imports and CUDA context creation before
@@ -26,10 +25,10 @@ and times ``load_file`` and ``ours`` only.  Afterwards ``ours`` is run in one pr
 over a grid of thread counts and piece sizes (a second call reuses pinned memory torch
 has cached, so those rows are a little optimistic).
 
-``snapshot`` records the names, dtypes, shapes and config of every tensor of the large
-files (``bench/full_size_layout.json`` is the one at the released configs);
-``synth`` writes files with that layout and random values, for a machine that has no
-bench inputs (the GPU machine).  Only torch, safetensors and ``reference`` are needed.
+``synth`` writes files with the layout of ``bench/full_size_layout.json`` (the large
+files at the released configs, see :mod:`bench.layout`) and random values, for a
+machine that has no bench inputs (the GPU machine).  Only torch, safetensors and
+``reference`` are needed.
 """
 
 from __future__ import annotations
@@ -43,7 +42,15 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LARGE = ("gpt.safetensors", "s2mel.safetensors", "w2v_bert.safetensors", "bigvgan.safetensors")
+def _large() -> tuple[str, ...]:
+    """The four large models' file names, from the schema (read as JSON: the GPU
+    machine runs this without the converter's dependencies)."""
+    with open(os.path.join(ROOT, "canonical_schema.json")) as f:
+        models = json.load(f)["models"]
+    return tuple(models[k]["file"] for k in ("gpt", "s2mel", "w2v-bert", "bigvgan"))
+
+
+LARGE = _large()
 GRID = [(t, p) for t in (4, 8, 16) for p in (4 << 20, 16 << 20, 64 << 20)]
 
 
@@ -256,27 +263,6 @@ def table(res: dict) -> str:
 # ------------------------------------------------------------------ layout snapshot and synthetic files
 
 
-def snapshot(folder: str, out: str) -> None:
-    from reference.header import read_header
-
-    snap = {}
-    for f in large_files(folder):
-        h = read_header(f)
-        order = sorted(h.tensors.items(), key=lambda kv: kv[1].begin)
-        snap[os.path.basename(f)] = {
-            "model": h.metadata.get("model"),
-            "dtype": h.metadata.get("dtype"),
-            "config": json.loads(h.metadata.get("config", "{}")),
-            "tensors": [[n, i.dtype, list(i.shape)] for n, i in order],
-        }
-    with open(out, "w") as fh:
-        # one tensor per line: small, and a diff shows which tensor changed
-        fh.write("{\n" + ",\n".join(
-            f"{json.dumps(name)}: {{\"model\": {json.dumps(s['model'])}, \"dtype\": {json.dumps(s['dtype'])}, "
-            f"\"config\": {json.dumps(s['config'], sort_keys=True)}, \"tensors\": [\n"
-            + ",\n".join(json.dumps(t) for t in s["tensors"]) + "\n]}" for name, s in sorted(snap.items())) + "\n}\n")
-
-
 def synth(layout: str, out_dir: str, log=print) -> list[str]:
     """Files with the snapshot's tensors (in its order, padded header) and random values:
     floats N(0, 0.02), integers zero.  Metadata: model, dtype and config (no provenance,
@@ -288,7 +274,7 @@ def synth(layout: str, out_dir: str, log=print) -> list[str]:
     from reference.load import DTYPES, _bytes_view
 
     with open(layout) as fh:
-        snap = json.load(fh)
+        snap = json.load(fh)["files"]
     os.makedirs(out_dir, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     written = []
@@ -336,9 +322,6 @@ def main(argv=None) -> None:
     m.add_argument("--cold", action="store_true")
     m.add_argument("--no-grid", action="store_true")
     m.add_argument("--json")
-    s = sub.add_parser("snapshot")
-    s.add_argument("dir")
-    s.add_argument("out")
     y = sub.add_parser("synth")
     y.add_argument("layout")
     y.add_argument("out_dir")
@@ -348,8 +331,6 @@ def main(argv=None) -> None:
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=2)
-    elif args.cmd == "snapshot":
-        snapshot(args.dir, args.out)
     else:
         synth(args.layout, args.out_dir)
 

@@ -20,8 +20,6 @@ from .configs import load_json, require
 from .errors import ConvertError
 from .table import Drop, row, wn
 
-KIND = "bigvgan"
-OUT_NAME = "bigvgan.safetensors"
 
 # Constants of upstream's Activation1d (alias_free_activation/torch/act.py): 2x
 # up-sampling and 2x down-sampling with 12-tap Kaiser-windowed sinc filters.

@@ -40,8 +40,6 @@ from .configs import load_json
 from .errors import ConvertError
 from .table import Drop, row
 
-KIND = "campplus"
-OUT_NAME = "campplus.safetensors"
 # IndexTTS-2 hard-codes the hyperparameters: the config is optional (a JSON file of
 # constructor arguments, --config or campplus.json beside the source).
 

@@ -25,8 +25,6 @@ from .sources import BARE_TENSOR_NAME
 from .speaker_matrix import emo_grouping
 from .table import Drop, row
 
-KIND = "emotion-matrix"
-OUT_NAME = "emotion_matrix.safetensors"
 TENSOR = "emo_matrix"
 
 DROPS: list[Drop] = []

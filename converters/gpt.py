@@ -37,8 +37,6 @@ from .configs import load_yaml_section, require
 from .errors import ConvertError
 from .table import WB, Drop, Row, keep, row
 
-KIND = "gpt"
-OUT_NAME = "gpt.safetensors"
 
 # Constants of the upstream classes (not settable from config.yaml):
 COND_INPUT_SIZE = 1024          # UnifiedVoice passes input_size=1024 to both ConformerEncoders

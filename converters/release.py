@@ -42,31 +42,35 @@ VOCODER = "{vocoder}"  # Item.hf repo placeholder: the vocoder config.yaml names
 @dataclass(frozen=True)
 class Item:
     kind: str
-    out: str  # file name in OUT
     release: str  # file or folder inside the release folder
     hf: tuple[str, str] | None = None  # (repo id, path inside a snapshot) in the HF cache
     flag: str | None = None  # `all` option that names the source explicitly
     release_config: str | None = None  # config file taken from the release folder
     fetch: tuple[str, ...] = ()  # the files `huggingface-cli download` needs (from hf[0], else the release repo)
 
+    @property
+    def out(self) -> str:
+        """The file name in OUT: the schema's ``file`` for the model (one place)."""
+        return schema.model_spec(self.kind)["file"]
+
 
 # Conversion order: smallest sources first and gpt last.  Each output's header waits for
 # its source's sha256 (so the output can be hashed as it streams); the sources are
 # hashed in this order from the start, and small models convert meanwhile.
 ITEMS: list[Item] = [
-    Item("speaker-matrix", "speaker_matrix.safetensors", "feat1.pt", fetch=("feat1.pt",)),
-    Item("emotion-matrix", "emotion_matrix.safetensors", "feat2.pt", fetch=("feat2.pt",)),
-    Item("campplus", "campplus.safetensors", "campplus", hf=("funasr/campplus", ""), flag="campplus",
+    Item("speaker-matrix", "feat1.pt", fetch=("feat1.pt",)),
+    Item("emotion-matrix", "feat2.pt", fetch=("feat2.pt",)),
+    Item("campplus", "campplus", hf=("funasr/campplus", ""), flag="campplus",
          fetch=("campplus_cn_common.bin",)),
-    Item("semantic-codec", "semantic_codec.safetensors", "MaskGCT/semantic_codec", hf=("amphion/MaskGCT", "semantic_codec"),
+    Item("semantic-codec", "MaskGCT/semantic_codec", hf=("amphion/MaskGCT", "semantic_codec"),
          flag="semantic_codec", release_config=RELEASE_CONFIG, fetch=("semantic_codec/model.safetensors",)),
     # upstream loads BigVGAN.from_pretrained(config.yaml vocoder.name); `bigvgan/` is this tool's local layout
-    Item("bigvgan", "bigvgan.safetensors", "bigvgan", hf=(VOCODER, ""), flag="bigvgan",
+    Item("bigvgan", "bigvgan", hf=(VOCODER, ""), flag="bigvgan",
          fetch=("bigvgan_generator.pt", "config.json")),
-    Item("s2mel", "s2mel.safetensors", "s2mel.pth", fetch=("s2mel.pth",)),
-    Item("w2v-bert", "w2v_bert.safetensors", "w2v-bert-2.0", hf=("facebook/w2v-bert-2.0", ""), flag="w2v_bert",
+    Item("s2mel", "s2mel.pth", fetch=("s2mel.pth",)),
+    Item("w2v-bert", "w2v-bert-2.0", hf=("facebook/w2v-bert-2.0", ""), flag="w2v_bert",
          fetch=("model.safetensors", "config.json", "preprocessor_config.json")),
-    Item("gpt", "gpt.safetensors", "gpt.pth", fetch=("gpt.pth",)),
+    Item("gpt", "gpt.pth", fetch=("gpt.pth",)),
 ]
 
 

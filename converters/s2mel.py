@@ -48,8 +48,6 @@ from .configs import load_yaml_section, require
 from .errors import ConvertError
 from .table import Drop, Row, row, wn
 
-KIND = "s2mel"
-OUT_NAME = "s2mel.safetensors"
 
 # Constants hard-coded in upstream's classes (not in config.yaml).
 BLOCK_SIZE = 16384  # DiT builds ModelArgs(block_size=16384) whatever DiT.block_size says

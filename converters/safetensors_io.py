@@ -16,14 +16,12 @@ from typing import Callable
 import torch
 
 from .errors import ConvertError
+from reference.load import DTYPES as TORCH_DTYPES
+
 from .st_header import ITEMSIZE, MAX_HEADER_BYTES, Header, TensorInfo, read_header  # noqa: F401 (re-exported)
 
-# safetensors dtype name -> (torch dtype, item size)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    name: (getattr(torch, t), ITEMSIZE[name])
-    for name, t in {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}.items()
-}
+# safetensors dtype name -> (torch dtype, item size): the reference loader's table
+DTYPES: dict[str, tuple[torch.dtype, int]] = {name: (dt, ITEMSIZE[name]) for name, dt in TORCH_DTYPES.items()}
 TORCH_TO_ST = {dt: name for name, (dt, _) in DTYPES.items()}
 
 

@@ -17,16 +17,16 @@ import ast
 import json
 import operator
 import os
-import string
 from functools import lru_cache
 
-from . import opspec
+from reference.header import FLOAT_DTYPES  # noqa: F401 (the file-dtype names, one table)
+
+from . import opspec, templates
 from .errors import ConvertError
 
 SCHEMA_NAME = "indextts2-canonical"
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "canonical_schema.json")
 REQUIRED_METADATA = ("schema", "schema_version", "model", "config", "source", "converter_version", "provenance", "dropped", "dtype")
-FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 @lru_cache(maxsize=1)
@@ -117,10 +117,6 @@ _TYPES = {
 }
 
 
-def _fields(pattern: str) -> list[str]:
-    return [f for _, f, _, _ in string.Formatter().parse(pattern) if f]
-
-
 def expected_tensors(kind: str, config: dict) -> dict[str, dict]:
     """name -> {"shape": [...], "dtype": class, "env": loop values} for this config."""
     spec = model_spec(kind)
@@ -129,20 +125,13 @@ def expected_tensors(kind: str, config: dict) -> dict[str, dict]:
         env[k] = evaluate(expr, env)
     out: dict[str, dict] = {}
     for t in spec["tensors"]:
-        names = _fields(t["name"])
+        def limit(name: str, bound: dict) -> int:
+            return evaluate(spec["loops"][name], {**env, **bound})
 
-        def rec(i, bound):
-            local = {**env, **bound}
-            if i == len(names):
-                if "when" in t and not evaluate(t["when"], local):
-                    return
-                out[t["name"].format(**bound)] = {"shape": t["shape"], "dtype": t["dtype"], "env": dict(bound)}
-                return
-            lim = evaluate(spec["loops"][names[i]], local)
-            for v in range(lim):
-                rec(i + 1, {**bound, names[i]: v})
-
-        rec(0, {})
+        for bound in templates.expand(templates.fields(t["name"]), limit):
+            if "when" in t and not evaluate(t["when"], {**env, **bound}):
+                continue
+            out[t["name"].format(**bound)] = {"shape": t["shape"], "dtype": t["dtype"], "env": bound}
     return out
 
 

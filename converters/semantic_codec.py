@@ -35,8 +35,6 @@ from .configs import load_yaml_section
 from .errors import ConvertError
 from .table import Drop, row, wn
 
-KIND = "semantic-codec"
-OUT_NAME = "semantic_codec.safetensors"
 
 # RepCodec's constructor defaults (used for keys the config section leaves out).
 DEFAULTS = {"codebook_size": 8192, "hidden_size": 1024, "codebook_dim": 8, "vocos_dim": 384,

@@ -26,10 +26,10 @@ import torch
 
 from . import safetensors_io as stio
 from .errors import ConvertError
+from .schema import SCHEMA_NAME
 
 WRAPPERS = ("generator", "model", "state_dict", "net")
 BARE_TENSOR_NAME = "tensor"  # the name of the single tensor in a bare torch.save(tensor) file
-CANONICAL_SCHEMA_NAME = "indextts2-canonical"
 
 ZIP_MAGIC = b"PK\x03\x04"
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."  # legacy torch.save prefix
@@ -142,7 +142,7 @@ def open_source(path: str) -> Source:
 
 def _open_safetensors(path: str) -> Source:
     header = stio.read_header(path)
-    if header.metadata.get("schema") == CANONICAL_SCHEMA_NAME:
+    if header.metadata.get("schema") == SCHEMA_NAME:
         raise ConvertError(
             f"{path}: is already a canonical file (model {header.metadata.get('model', '?')}); "
             "converting it again would transform its tensors twice. Use `convert.py check` on it instead"

@@ -28,8 +28,6 @@ from .errors import ConvertError
 from .sources import BARE_TENSOR_NAME
 from .table import Drop, row
 
-KIND = "speaker-matrix"
-OUT_NAME = "speaker_matrix.safetensors"
 TENSOR = "spk_matrix"
 
 DROPS: list[Drop] = []

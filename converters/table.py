@@ -14,13 +14,12 @@ dropped by a named rule, and every output shape is known before any data is read
 from __future__ import annotations
 
 import re
-import string
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
 
-from . import ops
+from . import ops, templates
 from .errors import ConvertError
 from .safetensors_io import TORCH_TO_ST as SUPPORTED_DTYPES
 from .sources import Source
@@ -90,40 +89,24 @@ class Plan:
 Loops = Mapping[str, "int | Callable[[dict], int]"]
 
 
-def _fields(template: str) -> list[str]:
-    out = []
-    for _, name, _, _ in string.Formatter().parse(template):
-        if name and name not in out:
-            out.append(name)
-    return out
-
-
 def expand(rows: list[Row], loops: Loops) -> list[tuple[Row, dict]]:
     """Every (row, placeholder values) pair.  A loop bound may be a function of the
     placeholders to its left in the canonical template."""
     out = []
     for r in rows:
-        names = _fields(r.canonical)
+        names = templates.fields(r.canonical)
         for s in r.sources:
-            for n in _fields(s):
+            for n in templates.fields(s):
                 if n not in names:
                     raise AssertionError(f"source template {s!r} uses {{{n}}} missing from {r.canonical!r}")
 
-        def rec(i: int, bound: dict):
-            if i == len(names):
-                out.append((r, dict(bound)))
-                return
-            n = names[i]
+        def limit(n: str, bound: dict, r=r) -> int:
             if n not in loops:
                 raise AssertionError(f"no loop range for {{{n}}} in {r.canonical!r}")
             lim = loops[n]
-            lim = lim(bound) if callable(lim) else lim
-            for v in range(lim):
-                bound[n] = v
-                rec(i + 1, bound)
-            bound.pop(n, None)
+            return lim(bound) if callable(lim) else lim
 
-        rec(0, {})
+        out += [(r, vals) for vals in templates.expand(names, limit)]
     return out
 
 

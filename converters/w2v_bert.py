@@ -49,8 +49,6 @@ from .configs import load_json, require
 from .errors import ConvertError
 from .table import WB, Drop, keep, row
 
-KIND = "w2v-bert"
-OUT_NAME = "w2v_bert.safetensors"
 
 STATS_FILES = ("wav2vec2bert_stats.pt", "wav2vec2bert_stats.safetensors")
 # The --stats option and its release-folder default are declared in registry.EXTRA_FILES.

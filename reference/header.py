@@ -32,8 +32,9 @@ from dataclasses import dataclass
 MAX_HEADER_BYTES = 100_000_000  # the same bound the safetensors library enforces
 DATA_ALIGNMENT = 8  # where the data section starts, and the widest item size
 
-# safetensors dtype name -> item size in bytes
+# safetensors dtype name -> item size in bytes (every dtype the format allows)
 ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 class HeaderError(ValueError):
