@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 
 import pytest
 import torch
 
-from converters import schema
+from converters import forward, schema
 from reference import bigvgan as ref
 from tests.helpers import ROOT, convert_in_process, reference_load, swap_rows
 from tests.upstream import bigvgan as up
@@ -34,24 +33,15 @@ def one_thread():
 
 
 def upstream_from(folder: str):
-    """What infer_v2 runs: from_pretrained on the release folder, weight norm removed, eval."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = up.module().BigVGAN.from_pretrained(folder, use_cuda_kernel=False)
-        m.remove_weight_norm()
-    return m.eval()
+    """What infer_v2 runs: from_pretrained on the release folder, weight norm removed, eval
+    (``converters.forward.bigvgan_model``, what ``verify --forward`` runs)."""
+    return forward.bigvgan_model(os.path.join(folder, "bigvgan_generator.pt"), os.path.join(folder, "config.json"))
 
 
 def upstream_run(m, mel):
     """Upstream waveform and its conv_post output (before tanh / clamp)."""
-    seen = {}
-    hook = m.conv_post.register_forward_hook(lambda mod, i, o: seen.__setitem__("conv_post", o))
-    try:
-        with torch.no_grad():
-            wav = m(mel)
-    finally:
-        hook.remove()
-    return wav, seen["conv_post"]
+    out = forward.bigvgan_run(m, "vocode", {"mel": mel})
+    return out["waveform"], out["conv_post"]
 
 
 def build_scaled(config, seed):

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from converters import engine, schema
+from converters import engine, forward, schema
 from reference import campplus as ref
 from tests.helpers import ROOT, convert_in_process, reference_load, swap_rows
 from tests.upstream import campplus as up
@@ -29,14 +29,13 @@ def one_thread():
 
 def upstream_from(folder: str):
     """infer_v2's loading: CAMPPlus(**args) (IndexTTS-2's, or campplus.json's), the pickled
-    state dict loaded strictly, eval mode."""
-    args = dict(up.REAL)
+    state dict loaded strictly, eval mode (``converters.forward.campplus_model``, what
+    ``verify --forward`` runs)."""
+    args = None
     if os.path.exists(os.path.join(folder, "campplus.json")):
         with open(os.path.join(folder, "campplus.json")) as f:
             args = json.load(f)
-    m = up.module().CAMPPlus(**args)
-    m.load_state_dict(torch.load(os.path.join(folder, "campplus_cn_common.bin"), map_location="cpu"), strict=True)
-    return m.eval()
+    return forward.campplus_model(os.path.join(folder, "campplus_cn_common.bin"), args)
 
 
 def release(d, config, seed=0):
@@ -76,8 +75,7 @@ def upstream_run(m, feat):
             mods[f"xvector.transit{b}"] = getattr(x, f"transit{b}")
     hooks = [mod.register_forward_hook(keep(name)) for name, mod in mods.items()]
     try:
-        with torch.no_grad():
-            out = m(feat)
+        out = forward.campplus_run(m, "embed", {"feat": feat})["style"]
     finally:
         for h in hooks:
             h.remove()

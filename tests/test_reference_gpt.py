@@ -6,18 +6,17 @@ loader (``indextts.utils.checkpoint.load_checkpoint``: ``torch.load`` + strict
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
 import yaml
 
+from converters import forward
 from converters import gpt as conv
 from converters.schema import check_file
 from reference import gpt as ref
 from tests.helpers import ROOT, convert_in_process, reference_load, swap_rows
 from tests.upstream import gpt as up
-from tests.upstream import indextts
 
 DEMO = os.path.join(ROOT, "demo", "release")
 ENTRY = {e.name: e for e in ref.ENTRIES}
@@ -36,21 +35,15 @@ RELEASED = {
 
 
 def upstream_model(pth: str, cfg: dict):
-    """A fresh UnifiedVoice loaded from the saved checkpoint the way infer_v2 loads it."""
-    mv = up.module()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        torch.manual_seed(99)  # another init: every value must come from the file
-        m = mv.UnifiedVoice(**cfg)
-    indextts("utils.checkpoint").load_checkpoint(m, str(pth))
-    return m.eval()
+    """A fresh UnifiedVoice loaded from the saved checkpoint the way infer_v2 loads it
+    (``converters.forward.gpt_model``, what ``verify --forward`` runs)."""
+    torch.manual_seed(99)  # another init: every value must come from the file
+    return forward.gpt_model(str(pth), cfg)
 
 
 def upstream_run(m, name: str, x: dict) -> tuple[dict, dict]:
-    """Upstream outputs for one entry point, and its per-block activations (by hooks)."""
+    """Upstream outputs for one entry point (``converters.forward.gpt_run``), and its
+    per-block activations (by hooks)."""
     acts, hooks = {}, []
 
     def keep(key, fn=lambda i, o: o):
@@ -69,20 +62,7 @@ def upstream_run(m, name: str, x: dict) -> tuple[dict, dict]:
         hooks.append(block.register_forward_hook(keep(f"gpt.{i}", lambda i, o: o[0] if isinstance(o, tuple) else o)))
     hooks.append(m.final_norm.register_forward_hook(keep("final_norm")))
     try:
-        with torch.no_grad():
-            if name == "conditioning":
-                out = {"latents": m.get_conditioning(x["feats"], x["lengths"])}
-            elif name == "emovec":
-                out = {"emovec": m.get_emovec(x["feats"].transpose(1, 2), x["lengths"])}
-            elif name == "merge_emovec":
-                out = {"emovec": m.merge_emovec(x["spk_feats"].transpose(1, 2), x["emo_feats"].transpose(1, 2),
-                                                x["spk_lengths"], x["emo_lengths"], alpha=float(x["alpha"]))}
-            else:
-                b = x["text"].shape[0]
-                lat = m(x["cond_latents"], x["text"].clone(), x["text_lengths"], x["codes"].clone(), x["code_lengths"],
-                        None, emo_vec=x["emo_vec"], use_speed=torch.zeros(b, dtype=torch.long))
-                mel = acts["final_norm"][:, -(x["codes"].shape[1] + 2):]  # get_logits' second_inputs slice
-                out = {"latents": lat, "mel_logits": m.mel_head(mel)}
+        out = forward.gpt_run(m, name, x)
     finally:
         for h in hooks:
             h.remove()

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from converters import forward
 from converters.schema import check_file
 from reference import s2mel as ref
 from tests.helpers import ROOT, convert_in_process, reference_load, swap_rows
@@ -31,39 +32,13 @@ def save_release(folder, m, config) -> str:
 
 
 def upstream_model(release_dir, config):
-    """MyModel built from ``config`` (another random init), then every sub-model loaded
-    strictly from the saved ``s2mel.pth`` (``net`` with the DDP prefix stripped, as
-    upstream's load_checkpoint2 does); estimator caches set up as infer_v2 does."""
-    c = up.commons()
-    m = c.MyModel(c.recursive_munch(copy.deepcopy(config)), use_gpt_latent=True)
-    with torch.no_grad():  # random init differs from the saved weights
-        for p in m.parameters():
-            p.add_(1.0)
-    net = torch.load(os.path.join(str(release_dir), "s2mel.pth"), map_location="cpu")["net"]
-    for key in up.SUBMODULES:
-        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in net[key].items()}
-        m.models[key].load_state_dict(sd, strict=True)
-    m.eval()
-    m.models["cfm"].estimator.setup_caches(max_batch_size=1, max_seq_length=8192)
-    return m
+    """MyModel built from ``config``, every sub-model loaded from the saved ``s2mel.pth``
+    by upstream's load_checkpoint2 (``net``, DDP prefix stripped; a tensor it leaves at
+    its random init is refused), estimator caches set up as infer_v2 does:
+    ``converters.forward.s2mel_model``, what ``verify --forward`` runs."""
+    return forward.s2mel_model(os.path.join(str(release_dir), "s2mel.pth"), copy.deepcopy(config))
 
 
-def up_gpt_layer(m, latent):
-    with torch.no_grad():
-        return m.models["gpt_layer"](latent)
-
-
-def up_length_regulator(m, x, ylens):
-    with torch.no_grad():
-        return m.models["length_regulator"](x, ylens=ylens, n_quantizers=3, f0=None)[0]
-
-
-def up_dit(m, x, prompt_x, x_lens, t, style, cond):
-    with torch.no_grad():
-        return m.models["cfm"].estimator(x, prompt_x, x_lens, t, style, cond)
-
-
-UPSTREAM = {"gpt_layer": up_gpt_layer, "length_regulator": up_length_regulator, "dit": up_dit}
 ENTRY = {e.name: e for e in ref.ENTRIES}
 
 
@@ -111,7 +86,7 @@ def max_diff(a, b) -> float:
 def compare(w, m, name, inputs):
     e = ENTRY[name]
     got = e.run(w, None, **inputs)[e.outputs[0]]
-    want = UPSTREAM[name](m, *(inputs[a] for a in e.args))
+    want = forward.s2mel_run(m, name, inputs)[e.outputs[0]]
     return got, want
 
 

@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
+from converters import forward
 from converters.schema import check_file
 from reference import semantic_codec as ref
 from tests.helpers import ROOT, convert_in_process, reference_load, swap_rows
-from tests.upstream import indextts
 from tests.upstream import semantic_codec as up
 
 T = 13
@@ -30,24 +30,18 @@ def one_thread():
 
 
 def upstream_codec(model_file, config_yaml):
-    """infer_v2.py's codec: RepCodec from the config.yaml section, then load_model on the file."""
-    import safetensors.torch
-    from omegaconf import OmegaConf
-
-    up.module()  # repcodec_model, imported with the torchaudio stub (see tests/upstream/semantic_codec.py)
-    build = indextts("utils.maskgct_utils").build_semantic_codec
-    codec = build(OmegaConf.load(str(config_yaml)).semantic_codec)
-    safetensors.torch.load_model(codec, str(model_file))
-    return codec.eval()
+    """infer_v2.py's codec: RepCodec from the config.yaml section, then load_model on the
+    file (``converters.forward.semantic_codec_model``, what ``verify --forward`` runs)."""
+    return forward.semantic_codec_model(str(model_file), forward.config_section(str(config_yaml), "semantic_codec"))
 
 
 def compare(w, codec, x):
     """Max abs differences (quantized, emb), whether the codes agree, and the tensors.
     vq2emb runs on upstream's codes of the first item, as infer_v2 feeds it one sequence
     of codes [1, T] (``codes.unsqueeze(1)``)."""
-    with torch.no_grad():
-        want_codes, want_q = codec.quantize(x)
-        want_emb = codec.quantizer.vq2emb(want_codes[:1].unsqueeze(1))
+    q = forward.semantic_codec_run(codec, "quantize", {"x": x})
+    want_codes, want_q = q["codes"], q["quantized"]
+    want_emb = forward.semantic_codec_run(codec, "vq2emb", {"codes": want_codes[:1]})["emb"]
     codes, quantized = ref.quantize(w, x)
     emb = ref.vq2emb(w, want_codes[:1])
     return (quantized - want_q).abs().max().item(), (emb - want_emb).abs().max().item(), \

@@ -5,20 +5,16 @@
 
 from __future__ import annotations
 
-import ast
-import functools
 import os
-import sys
 import types
 
 import pytest
 import torch
 
+from converters import forward
 from converters.schema import check_file
 from reference import w2v_bert as ref
 from tests.helpers import ROOT, convert_in_process, reference_load, swap_rows
-from tests.upstream import indextts
-from tests.upstream import semantic_codec as up_codec
 from tests.upstream import w2v_bert as up
 
 K = 17  # IndexTTS-2 reads hidden_states[17]
@@ -33,44 +29,22 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@functools.cache
 def upstream_get_emb():
     """``IndexTTS2.get_emb`` compiled from upstream's infer_v2.py source (importing the
     module would pull in the whole inference stack: librosa, torchaudio, ...)."""
-    indextts("utils")  # registers the installed package (without its __init__)
-    path = os.path.join(sys.modules["indextts"].__path__[0], "infer_v2.py")
-    tree = ast.parse(open(path).read(), path)
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "IndexTTS2")
-    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "get_emb")
-    ns = {"torch": torch}
-    exec(compile(ast.Module(body=[fn], type_ignores=[]), path, "exec"), ns)
-    return ns["get_emb"]
+    return forward.upstream_get_emb()
 
 
 def upstream_model(model_dir, stats_path):
     """``maskgct_utils.build_semantic_model(stats_path)`` with its hard-coded hub name
     ("facebook/w2v-bert-2.0") pointed at the saved folder: from_pretrained, eval, and
-    mean / sqrt(var) from the .pt file.  Returns an object get_emb can run on."""
-    from transformers import Wav2Vec2BertModel
-
-    up_codec.module()  # maskgct_utils imports repcodec_model (needs the torchaudio stub)
-    mu = indextts("utils.maskgct_utils")
-
-    class FromFolder:
-        @staticmethod
-        def from_pretrained(name):
-            assert name == "facebook/w2v-bert-2.0"
-            return Wav2Vec2BertModel.from_pretrained(str(model_dir))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mu, "Wav2Vec2BertModel", FromFolder)
-        model, mean, std = mu.build_semantic_model(str(stats_path))
-    return types.SimpleNamespace(semantic_model=model, semantic_mean=mean, semantic_std=std)
+    mean / sqrt(var) from the .pt file.  Returns an object get_emb can run on
+    (``converters.forward.w2v_bert_model``, what ``verify --forward`` runs)."""
+    return forward.w2v_bert_model(str(model_dir), str(stats_path))
 
 
 def upstream_hidden_states(tts, x, mask):
-    with torch.no_grad():
-        return torch.stack(tts.semantic_model(input_features=x, attention_mask=mask, output_hidden_states=True).hidden_states)
+    return forward.w2v_bert_hidden_states(tts, x, mask)
 
 
 def max_diff(a, b):

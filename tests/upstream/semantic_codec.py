@@ -8,13 +8,12 @@ anything else ``RepCodec`` builds.  So :func:`module` imports ``repcodec_model``
 (the class ``build_semantic_codec`` instantiates) with a stub ``torchaudio`` in
 ``sys.modules`` for the duration of that import only, then removes the stub again (so
 transformers' own torchaudio probing is not fooled).  The stub's helpers raise if called.
+The import lives in :mod:`converters.forward`, which ``verify --forward`` uses too.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import types
 
 import torch
 import yaml
@@ -24,34 +23,12 @@ import yaml
 TINY = {"codebook_size": 32, "hidden_size": 16, "codebook_dim": 4, "vocos_dim": 12,
         "vocos_intermediate_dim": 20, "vocos_num_layers": 2}
 
-_STUBS = ("torchaudio", "torchaudio.functional", "torchaudio.functional.functional")
-
-
-def _unavailable(*args, **kwargs):
-    raise RuntimeError("torchaudio stub: the mel helpers are not available in tests")
-
 
 def module():
-    name = "indextts.utils.maskgct.models.codec.kmeans.repcodec_model"
-    if name in sys.modules:
-        return sys.modules[name]
-    from . import indextts
+    """repcodec_model, imported with the torchaudio stub (:func:`converters.forward.repcodec_module`)."""
+    from converters.forward import repcodec_module
 
-    saved = {k: sys.modules.get(k) for k in _STUBS}
-    mods = {k: types.ModuleType(k) for k in _STUBS}
-    mods["torchaudio"].functional = mods["torchaudio.functional"]
-    mods["torchaudio.functional"].functional = mods["torchaudio.functional.functional"]
-    mods["torchaudio.functional.functional"]._hz_to_mel = _unavailable
-    mods["torchaudio.functional.functional"]._mel_to_hz = _unavailable
-    sys.modules.update(mods)
-    try:
-        return indextts("utils.maskgct.models.codec.kmeans.repcodec_model")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
+    return repcodec_module()
 
 
 def build(config: dict | None = None, seed: int = 0):
