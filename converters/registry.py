@@ -8,15 +8,26 @@
 - ``SOURCE_FILES``, ``CONFIG_FILES`` and :func:`locate`: where a model's checkpoint
   and config are found (torch-free, so the CLI can start hashing the source before
   it imports torch)
+- :func:`converter_fingerprint`: what shapes a model's output, hashed (``all``'s up-to-date test)
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import json
 import os
+from functools import lru_cache
 
 from .errors import ConvertError
 
 CONVERTER_VERSION = "0.1.0"
+# Bump when the bytes the writer lays out for the same tensors change (header encoding,
+# padding, data order); part of every output's fingerprint.
+WRITER_FORMAT = 1
+# Modules every conversion's output depends on besides the model's own: the op code, the
+# table resolution, the template expander and the config readers.
+SHARED_MODULES = ("ops", "opspec", "table", "templates", "configs")
 
 MODELS: dict[str, str] = {
     "gpt": "converters.gpt",
@@ -93,3 +104,35 @@ def locate(kind: str, src: str, config: str | None, need_config: bool = True) ->
     if need_config and not os.path.isfile(cfg):
         raise ConvertError(f"{cfg}: config not found (the {kind} converter reads {name} beside the source; pass --config)")
     return src_file, cfg
+
+
+def _module_file(name: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
+
+
+def _local_imports(path: str) -> list[str]:
+    """The sibling modules a converter module imports (``from .x import ...``)."""
+    with open(path, "rb") as f:
+        tree = ast.parse(f.read(), path)
+    return sorted({n.module.split(".")[0] for n in ast.walk(tree)
+                   if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module})
+
+
+@lru_cache(maxsize=None)
+def converter_fingerprint(kind: str) -> str:
+    """sha256 over what shapes ``kind``'s canonical output: its converter module and the
+    converter modules it imports, the shared op, table and config code, the model's
+    schema section and the writer format.  Torch-free.  ``all`` redoes an output
+    whose recorded fingerprint differs, so a changed table or op never leaves an old
+    file called "up to date"."""
+    from .schema import model_spec
+
+    own = MODELS[kind].rsplit(".", 1)[1]
+    names = sorted({own, *SHARED_MODULES, *(m for m in _local_imports(_module_file(own)) if os.path.isfile(_module_file(m)))})
+    h = hashlib.sha256()
+    for name in names:
+        with open(_module_file(name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
+    h.update(json.dumps(model_spec(kind), sort_keys=True).encode())
+    h.update(f"writer format {WRITER_FORMAT}".encode())
+    return h.hexdigest()

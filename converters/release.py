@@ -30,7 +30,7 @@ from . import bundle, pipeline, schema
 from .errors import ConvertError
 from .hashing import SERVICE as HASHES
 from .hashing import sha256_file
-from .registry import CHOICES, CONVERTER_VERSION, EXTRA_FILES, SOURCE_FILES, locate
+from .registry import CHOICES, CONVERTER_VERSION, EXTRA_FILES, SOURCE_FILES, converter_fingerprint, locate
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
@@ -332,7 +332,8 @@ def _hash_ahead(items, release_dir: str, old: dict, out_dir: str, options_of) ->
         except ConvertError:
             continue  # reported by the conversion
         entry = old["files"].get(item.out) or {}
-        if (entry.get("options") == options_of(item) and _written_unchanged(entry, os.path.join(out_dir, item.out))
+        if (entry.get("options") == options_of(item) and entry.get("fingerprint") == converter_fingerprint(item.kind)
+                and _written_unchanged(entry, os.path.join(out_dir, item.out))
                 and _same_stat(entry.get("sources", {}).get("checkpoint", {}), src_file)):
             continue
         HASHES.prefetch([src_file, cfg_file, *_extra(item, release_dir).values()])
@@ -349,6 +350,8 @@ def _written_unchanged(entry: dict | None, out_path: str) -> bool:
 def up_to_date(entry: dict | None, files: dict[str, str], out_path: str, options: dict) -> bool:
     if not entry or entry.get("options") != options or entry.get("converter_version") != CONVERTER_VERSION:
         return False
+    if entry.get("fingerprint") != converter_fingerprint(entry.get("model", "")):
+        return False  # the converter, its ops or its schema section changed since
     if entry.get("schema_version") != schema.schema_version():
         return False
     if not _written_unchanged(entry, out_path):
@@ -436,6 +439,7 @@ def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dt
             "mtime_ns": st.st_mtime_ns,
             "schema_version": schema.schema_version(),
             "converter_version": CONVERTER_VERSION,
+            "fingerprint": converter_fingerprint(item.kind),
             "options": options,
             "sources": {role: fingerprint(f, digests.get(role)) for role, f in files.items()},
         }

@@ -74,6 +74,39 @@ def test_second_run_is_a_no_op_and_one_change_redoes_one(release, tmp_path):
     run_cli("check", out, "--hash")
 
 
+def test_a_changed_converter_redoes_its_output(release, tmp_path, monkeypatch):
+    """The up-to-date test keys on the converter's fingerprint (its module, the ops, the
+    schema section, the writer format), not on a version string nobody bumps."""
+    from converters import registry, release as rel
+
+    out = tmp_path / "out"
+    run_cli("all", "--src", release, "--out", out, "--quiet")
+    m = json.loads((out / "manifest.json").read_text())
+    assert all(m["files"][n]["fingerprint"] == registry.converter_fingerprint(m["files"][n]["model"]) for n in OUTS)
+    before = _mtimes(out)
+    real = registry.converter_fingerprint
+    monkeypatch.setattr(rel, "converter_fingerprint", lambda kind: real(kind) + ("-changed" if kind == "s2mel" else ""))
+    p = run_cli("all", "--src", release, "--out", out, "--quiet")
+    after = _mtimes(out)
+    assert [n for n in OUTS if after[n] != before[n]] == ["s2mel.safetensors"], p.stdout
+    assert json.loads((out / "manifest.json").read_text())["files"]["s2mel.safetensors"]["fingerprint"].endswith("-changed")
+
+
+def test_fingerprint_follows_the_code_and_the_schema(monkeypatch):
+    from converters import registry, schema
+
+    a = registry.converter_fingerprint("bigvgan")
+    registry.converter_fingerprint.cache_clear()
+    spec = dict(schema.model_spec("bigvgan"), description="changed")
+    monkeypatch.setattr(schema, "model_spec", lambda kind: spec if kind == "bigvgan" else schema.load_schema()["models"][kind])
+    assert registry.converter_fingerprint("bigvgan") != a
+    registry.converter_fingerprint.cache_clear()
+    monkeypatch.undo()
+    assert registry.converter_fingerprint("bigvgan") == a
+    assert len({registry.converter_fingerprint(k) for k in registry.MODELS}) == len(registry.MODELS)
+    registry.converter_fingerprint.cache_clear()
+
+
 def test_changed_options_redo_everything(release, tmp_path):
     out = tmp_path / "out"
     run_cli("all", "--src", release, "--out", out, "--quiet")
