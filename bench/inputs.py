@@ -38,9 +38,15 @@ import warnings
 import torch
 import yaml
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "upstream")
-RELEASE_YAML = os.path.join(SHARED, "indextts2_config.yaml")
-BIGVGAN_JSON = os.path.join(SHARED, "bigvgan_v2_22khz_80band_256x_config.json")
+# The released configs (IndexTTS-2's config.yaml sections, the BigVGAN generator's
+# config.json keys), kept in the repository so the bench and tests need nothing beside it.
+RELEASED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "released_configs.json")
+
+
+def released(name: str) -> dict:
+    """``"indextts2"`` (config.yaml) or ``"bigvgan_v2_22khz_80band_256x"`` (config.json)."""
+    with open(RELEASED) as f:
+        return copy.deepcopy(json.load(f)[name])
 STAMP = ".complete"
 VERSION = 3  # bump when the layout changes, so old caches are regenerated
 S2MEL_PARTS = ("cfm", "length_regulator", "gpt_layer")
@@ -52,11 +58,7 @@ SMALL_MODELS = ("speaker_matrix", "emotion_matrix", "semantic_codec", "campplus"
 def configs(size: str) -> dict:
     """{"yaml": config.yaml document, "w2v": Wav2Vec2BertConfig kwargs, "bigvgan": config.json}"""
     if size == "full":
-        with open(RELEASE_YAML) as f:
-            doc = yaml.safe_load(f)
-        with open(BIGVGAN_JSON) as f:
-            bigvgan = json.load(f)
-        return {"yaml": doc, "w2v": {}, "bigvgan": bigvgan}
+        return {"yaml": released("indextts2"), "w2v": {}, "bigvgan": released("bigvgan_v2_22khz_80band_256x")}
     if size == "tiny":
         from tests.upstream import bigvgan as ub, gpt as ug, s2mel as us, w2v_bert as uw
 
@@ -212,7 +214,7 @@ def ensure(folder: str, size: str = "full", log=print) -> str:
     log("inputs: bigvgan/bigvgan_generator.pt")
     os.makedirs(os.path.dirname(files["bigvgan"]), exist_ok=True)
     _torch_save({"generator": materialise(mods["bigvgan"].state_dict(), gen)}, files["bigvgan"])
-    shutil.copyfile(BIGVGAN_JSON if size == "full" else _write_json(folder, cfg["bigvgan"]), files["bigvgan-config"])
+    shutil.copyfile(_write_json(folder, cfg["bigvgan"]), files["bigvgan-config"])
 
     with open(stamp, "w") as f:
         f.write(want)

@@ -4,7 +4,6 @@ on the saved source checkpoint."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -105,8 +104,9 @@ def test_vocode_matches_upstream_at_release_structure(tmp_path):
     """The released config (80 mels, 6 upsamplers, kernels 3/7/11, dilations 1/3/5) at a
     twelfth of its width (128 initial channels instead of 1536, to keep the test quick),
     on the entry point's own input."""
-    with open(up.RELEASE_CONFIG) as f:
-        cfg = {**json.load(f), "upsample_initial_channel": 128}
+    from bench.inputs import released
+
+    cfg = {**released("bigvgan_v2_22khz_80band_256x"), "upsample_initial_channel": 128}
     m, path = release(tmp_path, cfg, seed=7)
     w = reference_load(path)
     (entry,) = ref.ENTRIES

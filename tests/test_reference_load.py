@@ -233,7 +233,7 @@ def full_bigvgan(tmp_path_factory):
     os.makedirs(d / "bigvgan")
     torch.save({"generator": sd}, d / "bigvgan" / "bigvgan_generator.pt")
     del sd
-    shutil.copyfile(inputs.BIGVGAN_JSON, d / "bigvgan" / "config.json")
+    (d / "bigvgan" / "config.json").write_text(json.dumps(cfg["bigvgan"]))
     out = d / "bigvgan.safetensors"
     convert_in_process("bigvgan", d / "bigvgan", out)
     shutil.rmtree(d / "bigvgan")

@@ -8,7 +8,6 @@ import warnings
 
 import torch
 
-RELEASE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "upstream", "bigvgan_v2_22khz_80band_256x_config.json")
 
 # The released config's structure (resblock 1, snakebeta, log-scale snake, no bias and
 # no tanh at the end) at tiny widths.
