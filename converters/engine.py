@@ -86,22 +86,42 @@ class Prepared:
     src_file: str
     plan: Plan
     config: dict
-    metadata: dict[str, str]
+    meta: dict  # the __metadata__, structured: JSON values stay objects until metadata() serialises them
     files: dict[str, str]  # "" for the main source, else the extra source's prefix
+
+    @property
+    def source(self) -> dict:
+        """The ``source`` record: file name, size, sha256 (a placeholder until
+        :func:`write` fills in the digests), and the extra sources under ``extra``."""
+        return self.meta["source"]
+
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` strings, serialised once, with sorted keys."""
+        return {k: v if isinstance(v, str) else _dumps(v) for k, v in self.meta.items()}
 
 
 def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "keep", hash_source: bool = True,
-            extra: dict[str, str] | None = None, options: dict[str, str] | None = None) -> Prepared:
+            extra: dict[str, str] | None = None, options: dict[str, str] | None = None,
+            located: tuple[str, str | None] | None = None) -> Prepared:
     """Open the sources, plan every output tensor and check the plan against the
     schema; with ``hash_source``, the sources' sha256 are asked for (they may already
-    be running: the CLI asks before importing torch)."""
+    be running: the CLI asks before importing torch).  ``located`` is the
+    (checkpoint, config) pair :func:`registry.locate` already found, if the caller did."""
     mod = model_module(kind)
-    src_file, cfg_file = locate(kind, src_path, config_path)
+    src_file, cfg_file = located or locate(kind, src_path, config_path)
     raw = mod.load_config(cfg_file)
     # Options that change the canonical form (registry.CHOICES) go to runtime_config,
     # which records them in the metadata config.
     config = mod.runtime_config(raw, cfg_file, **(options or {}))
     main = open_source(src_file)
+    try:
+        return _plan(kind, mod, main, src_file, config, dtype, hash_source, extra)
+    except BaseException:
+        main.close()  # nothing of a refused source stays open
+        raise
+
+
+def _plan(kind, mod, main: Source, src_file: str, config: dict, dtype: str, hash_source: bool, extra) -> Prepared:
     _refuse_other_model(kind, main)
     extra_files = input_files(mod, src_file, extra)
     src = combine(main, extra_files)
@@ -122,18 +142,20 @@ def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "kee
         "schema": schema.SCHEMA_NAME,
         "schema_version": str(schema.schema_version()),
         "model": kind,
-        "config": _dumps(config),
-        "source": _dumps(source),
+        "config": config,
+        "source": source,
         "converter_version": CONVERTER_VERSION,
-        "provenance": _dumps(plan.provenance()),
-        "dropped": _dumps(plan.dropped),
+        "provenance": plan.provenance(),
+        "dropped": plan.dropped,
         "dtype": floats[0] if floats else "F32",
     }
+    p = Prepared(kind, src, src_file, plan, config, meta, files)
     tensors = {e.name: (stio.st_dtype(e.dtype, e.name), e.shape) for e in plan.entries}
-    errs = schema.check(kind, tensors, meta, src_file)
+    errs = schema.check(kind, tensors, p.metadata(), src_file)  # the header as it will be written
     if errs:
+        src.close()
         raise ConvertError(f"{src_file}: the converted tensors would not match the schema:\n  " + "\n  ".join(errs[:20]))
-    return Prepared(kind, src, src_file, plan, config, meta, files)
+    return p
 
 
 def _file_info(path: str) -> dict:
@@ -170,13 +192,14 @@ def no_gc():
 def convert(kind: str, src_path: str, out_path: str, config_path: str | None = None, dtype: str = "keep",
             force: bool = False, quiet: bool = False, allow_nonfinite: bool = False,
             extra: dict[str, str] | None = None, options: dict[str, str] | None = None,
-            hash_output: bool = False) -> tuple[Prepared, str | None]:
+            hash_output: bool = False, located: tuple[str, str | None] | None = None) -> tuple[Prepared, str | None]:
     """Convert one model.  Returns the plan and, with ``hash_output``, the output's
-    sha256 (computed while writing: the header then waits for the source hashes)."""
-    src_file, _ = locate(kind, src_path, config_path)
-    check_output_path(out_path, src_file, force)
+    sha256 (computed while writing: the header then waits for the source hashes).
+    ``located``: the (checkpoint, config) the caller already found with ``locate``."""
+    located = located or locate(kind, src_path, config_path)  # once per model
+    check_output_path(out_path, located[0], force)
     with no_gc():
-        p = prepare(kind, src_path, config_path, dtype, extra=extra, options=options)
+        p = prepare(kind, src_path, config_path, dtype, extra=extra, options=options, located=located)
         for f in p.files.values():
             if os.path.exists(out_path) and os.path.samefile(out_path, f):
                 raise ConvertError(f"{out_path}: is an input file (or a link to it); refusing to write over a source")
@@ -229,15 +252,14 @@ def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool, hash_o
                disable=True if quiet else None, leave=False)  # None: off when stderr is not a terminal
 
     def final_meta() -> dict[str, str]:
-        info = json.loads(p.metadata["source"])
+        info = p.source
         for prefix, f in p.files.items():
             try:
                 digest = HASHES.digest(f)
             except OSError as e:
                 raise ConvertError(f"{f}: cannot read while hashing: {e.strerror or e}") from None
             (info if prefix == "" else info["extra"][prefix])["sha256"] = digest
-        p.metadata["source"] = _dumps(info)
-        return p.metadata
+        return p.metadata()
 
     # The writer's copy threads (and the hashing child) are the parallelism here; torch's
     # own intra-op threads would only multiply them (measured: single-threaded sums and
@@ -247,7 +269,7 @@ def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool, hash_o
     try:
         if hash_output:
             return stio.write_stream(out_path, outs, final_meta(), bar.update, hash_output=True)
-        stio.write_stream(out_path, outs, p.metadata, bar.update, final_meta)
+        stio.write_stream(out_path, outs, p.metadata(), bar.update, final_meta)
         return None
     except OSError as e:
         raise ConvertError(f"{out_path}: write failed: {e.strerror or e}; nothing was written there") from None

@@ -302,13 +302,13 @@ def _same_file(rec: dict, path: str) -> bool:
     return HASHES.digest(path) == rec.get("sha256")
 
 
-def _inputs(item: Item, src: str, release_dir: str, config: str | None) -> tuple[dict[str, str], dict[str, str]]:
+def _inputs(item: Item, located: tuple[str, str | None], release_dir: str) -> tuple[dict[str, str], dict[str, str]]:
     """({role: path} of every input file, extra options) for one item."""
     from . import engine
 
     mod = engine.model_module(item.kind)
     extra = _extra(item, release_dir)
-    src_file, cfg_file = locate(item.kind, src, config)
+    src_file, cfg_file = located
     files = {"checkpoint": src_file}
     if cfg_file is not None:  # CAMPPlus has no upstream config file
         files["config"] = cfg_file
@@ -326,11 +326,7 @@ def _hash_ahead(items, release_dir: str, old: dict, out_dir: str, options_of) ->
     order, before torch is imported.  Torch-free and cheap: an output whose manifest
     entry has the same options, an unchanged output file and a checkpoint of the same
     path, size and mtime is left out (the exact up-to-date test comes later)."""
-    for item, src, config in items:
-        try:
-            src_file, cfg_file = locate(item.kind, src, config, need_config=False)
-        except ConvertError:
-            continue  # reported by the conversion
+    for item, (src_file, cfg_file) in items:
         entry = old["files"].get(item.out) or {}
         if (entry.get("options") == options_of(item) and entry.get("fingerprint") == converter_fingerprint(item.kind)
                 and _written_unchanged(entry, os.path.join(out_dir, item.out))
@@ -396,7 +392,9 @@ def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dt
         echo(f"{role}: absent ({why})")
     found = [(item, src, config) for item, src, _, config in found]
     old = read_manifest(out_dir) or {"files": {}}
-    _hash_ahead(found, release_dir, old, out_dir, lambda item: _options(item, dtype, allow_nonfinite, choices)[0])
+    located = {item.kind: locate(item.kind, src, config) for item, src, config in found}  # once per model
+    _hash_ahead([(item, located[item.kind]) for item, _, _ in found], release_dir, old, out_dir,
+                lambda item: _options(item, dtype, allow_nonfinite, choices)[0])
     HASHES.prefetch([os.path.join(release_dir, f) for role, (_, files) in copies.items() for f in files
                      if not _same_stat(((old.get("bundle") or {}).get(role) or {}).get("files", {}).get(f, {}).get("source", {}),
                                        os.path.join(release_dir, f))])
@@ -405,7 +403,7 @@ def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dt
 
     for item in ITEMS:
         engine.model_module(item.kind)  # a converter that does not exist yet fails before any work
-    plan = [(item, src, config, *_inputs(item, src, release_dir, config), _options(item, dtype, allow_nonfinite, choices)[1])
+    plan = [(item, src, config, *_inputs(item, located[item.kind], release_dir), _options(item, dtype, allow_nonfinite, choices)[1])
             for item, src, config in found]
     configs = planned_configs(plan)
     names = {item.kind: files["checkpoint"] for item, _, _, files, _, _ in plan}
@@ -428,9 +426,8 @@ def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dt
         ours = _written_unchanged(entry, out_path)
         # The output's sha256 is computed while it is written (no second read).
         p, digest = engine.convert(item.kind, src, out_path, config, dtype, force or ours, quiet, allow_nonfinite, extra,
-                                   model_opts, hash_output=True)
-        src_meta = json.loads(p.metadata["source"])
-        digests = {"checkpoint": src_meta["sha256"], **{k: v["sha256"] for k, v in src_meta.get("extra", {}).items()}}
+                                   model_opts, hash_output=True, located=located[item.kind])
+        digests = {"checkpoint": p.source["sha256"], **{k: v["sha256"] for k, v in p.source.get("extra", {}).items()}}
         st = os.stat(out_path)
         manifest["files"][item.out] = {
             "model": item.kind,
