@@ -1,9 +1,9 @@
 """`convert.py all`: a whole IndexTTS-2 release into one folder of canonical files.
 
 - Where each source is found: an explicit flag, else the release folder, else the
-  Hugging Face cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
-  ``~/.cache/huggingface/hub``; ``models--ORG--NAME/snapshots/REV/``).  Never the
-  network.  Each source's location is printed.
+  Hugging Face cache, found and read offline through ``huggingface_hub`` (its
+  environment rules; the snapshot ``refs/main`` names).  Never the network.  Each
+  source's location is printed.
 - ``OUT/manifest.json`` lists every canonical file (model, sha256, size, schema
   version) with its sources (path as given, size, sha256) and the options used.
 - Incremental: an output whose sources, options, converter and schema version are
@@ -78,32 +78,37 @@ ITEMS: list[Item] = [
 
 
 def hf_cache_dir() -> str:
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")
+    """The Hugging Face hub cache as ``huggingface_hub`` resolves it from the
+    environment (``HF_HUB_CACHE``, the legacy ``HUGGINGFACE_HUB_CACHE``, ``HF_HOME``,
+    ``XDG_CACHE_HOME``, else ``~/.cache/huggingface/hub``), read when it is first imported."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
 
 
 def hf_snapshot(cache: str, repo: str) -> str | None:
-    """The snapshot folder ``refs/main`` points at; the only snapshot if there is no
-    ref; an error if several snapshots exist and none is marked."""
-    base = os.path.join(cache, "models--" + repo.replace("/", "--"))
-    snaps = os.path.join(base, "snapshots")
-    if not os.path.isdir(snaps):
+    """The snapshot folder of ``repo`` in the cache, offline: the revision ``refs/main``
+    names (``snapshot_download(local_files_only=True)``); without a ref, the only
+    snapshot there is; an error if there are several and none is marked; None if the
+    repository is not cached."""
+    from huggingface_hub import scan_cache_dir, snapshot_download
+    from huggingface_hub.errors import CacheNotFound, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo, local_files_only=True, cache_dir=cache)
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        cached = [r for r in scan_cache_dir(cache).repos if r.repo_id == repo and r.repo_type == "model"]
+    except CacheNotFound:
         return None
-    ref = os.path.join(base, "refs", "main")
-    if os.path.isfile(ref):
-        with open(ref) as f:
-            rev = f.read().strip()
-        if os.path.isdir(os.path.join(snaps, rev)):
-            return os.path.join(snaps, rev)
-    revs = sorted(os.listdir(snaps))
+    revs = sorted(r.commit_hash for c in cached for r in c.revisions)
     if len(revs) == 1:
-        return os.path.join(snaps, revs[0])
+        return str(next(iter(cached[0].revisions)).snapshot_path)
     if not revs:
         return None
-    raise ConvertError(f"{snaps}: several snapshots ({', '.join(revs)}) and no refs/main; name the one to use with a flag")
+    raise ConvertError(f"{cache}: {repo} has several snapshots ({', '.join(revs)}) and no refs/main; "
+                       "name the one to use with a flag")
 
 
 class Missing(Exception):

@@ -230,7 +230,7 @@ def test_every_missing_source_in_one_error(release, tmp_path, monkeypatch):
     shutil.rmtree(release / "w2v-bert-2.0")
     os.unlink(release / "wav2vec2bert_stats.pt")
     out = tmp_path / "out"
-    p = run_cli("all", "--src", release, "--out", out, expect=None)
+    p = run_cli("all", "--src", release, "--out", out, expect=None, process=True)  # huggingface_hub reads the env at import
     assert_refused(p, "4 source(s) not found, nothing was converted",
                    f"huggingface-cli download IndexTeam/IndexTTS-2 gpt.pth --local-dir {release}",
                    "huggingface-cli download funasr/campplus campplus_cn_common.bin",
@@ -248,5 +248,5 @@ def test_partial_snapshot_is_named(release, tmp_path, monkeypatch):
     (snap / "configuration.json").write_text("{}")
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     shutil.rmtree(release / "campplus")
-    p = run_cli("all", "--src", release, "--out", tmp_path / "out", expect=None)
+    p = run_cli("all", "--src", release, "--out", tmp_path / "out", expect=None, process=True)
     assert_refused(p, f"{snap} (a partial snapshot: no campplus_cn_common.bin)")

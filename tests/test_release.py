@@ -150,7 +150,7 @@ def test_hugging_face_cache_discovery(release, tmp_path, monkeypatch):
     _fake_hf_cache(tmp_path, release, "funasr/campplus", "campplus", rev="cafe")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     out = tmp_path / "out"
-    p = run_cli("all", "--src", release, "--out", out, "--quiet")
+    p = run_cli("all", "--src", release, "--out", out, "--quiet", process=True)  # huggingface_hub reads the env at import
     assert f"w2v-bert: {snap} (in the Hugging Face cache (facebook/w2v-bert-2.0))" in p.stdout
     for repo in ("nvidia/bigvgan_tiny_demo", "amphion/MaskGCT", "funasr/campplus"):
         assert f"(in the Hugging Face cache ({repo}))" in p.stdout
@@ -162,11 +162,25 @@ def test_hf_home_fallback_and_missing_source(release, tmp_path, monkeypatch):
     _name_vocoder(release, "nvidia/bigvgan_tiny_demo")
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
-    p = run_cli("all", "--src", release, "--out", tmp_path / "out", expect=None)
+    p = run_cli("all", "--src", release, "--out", tmp_path / "out", expect=None, process=True)
     assert_refused(p, "1 source(s) not found", "bigvgan: looked in", str(release / "bigvgan"),
                    str(tmp_path / "hfhome" / "hub" / "models--nvidia--bigvgan_tiny_demo"), "--bigvgan",
                    "huggingface-cli download nvidia/bigvgan_tiny_demo bigvgan_generator.pt config.json")
     assert not (tmp_path / "out" / "gpt.safetensors").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("env", ["XDG_CACHE_HOME", "HUGGINGFACE_HUB_CACHE"])
+def test_cache_location_follows_huggingface_hub(release, tmp_path, monkeypatch, env):
+    """The cache is where huggingface_hub looks: XDG_CACHE_HOME/huggingface/hub, and the
+    legacy HUGGINGFACE_HUB_CACHE, which the hand-rolled lookup ignored."""
+    for var in ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    hub = tmp_path / "xdg" / "huggingface" / "hub" if env == "XDG_CACHE_HOME" else tmp_path / "legacy"
+    monkeypatch.setenv(env, str(tmp_path / "xdg" if env == "XDG_CACHE_HOME" else hub))
+    base = hub / "models--funasr--campplus"
+    shutil.move(str(release / "campplus"), str(base / "snapshots" / "c0ffee"))  # no refs/main: the only snapshot
+    p = run_cli("all", "--src", release, "--out", tmp_path / "out", "--quiet", process=True)
+    assert f"campplus: {base / 'snapshots' / 'c0ffee'} (in the Hugging Face cache (funasr/campplus))" in p.stdout
 
 
 def test_explicit_flag_wins(release, tmp_path):
