@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Convert IndexTTS-2 checkpoints into canonical safetensors. See README.md."""
+"""Convert IndexTTS-2 checkpoints into canonical safetensors. See README.md.
 
-from converters.cli import run
+The same entry point as the installed ``indextts-convert`` console script: ``check``
+runs with the standard library alone, the other commands through the click CLI."""
+
+from converters.check import console
 
 if __name__ == "__main__":
-    run()
+    console()

@@ -119,9 +119,12 @@ def main() -> None:
     if os.path.exists(SNAPSHOT):
         old = load()
         changed = tensors_changed(old, new)
-        if changed and new["schema_version"] <= old.get("schema_version", 0):
+        from converters.schema import parse_version
+
+        if changed and parse_version(new["schema_version"]) <= parse_version(old.get("schema_version", 0)):
             raise SystemExit(f"the canonical tensors of {', '.join(changed)} changed at the released config, but the schema "
-                             f"version is still {new['schema_version']}: bump canonical_schema.json \"version\" first")
+                             f"version is still {new['schema_version']}: bump canonical_schema.json \"version\" first "
+                             "(the major for a changed layout, the minor for what older files may lack)")
     with open(SNAPSHOT, "w") as f:
         f.write(dumps(new))
     print(f"wrote {SNAPSHOT}: " + ", ".join(f"{n} ({len(s['tensors'])} tensors)" for n, s in sorted(new["files"].items())))

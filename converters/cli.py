@@ -13,7 +13,8 @@ from . import registry, schema
 from .errors import ConvertError
 
 # Only torch-free modules are imported here; the converters (and torch) load when a
-# command that converts runs, so `check` starts in a fraction of a second.
+# command that converts runs, so `--help`, `check` and `inspect` of a canonical file
+# start in a fraction of a second (tests/test_package.py checks all three).
 DTYPE = click.Choice(list(registry.DTYPE_NAMES))
 
 def _fail(msg: str, code: int = 1):
@@ -34,6 +35,11 @@ def guarded(fn):
             _fail(str(e))
         except BrokenPipeError:
             sys.exit(1)
+        except ModuleNotFoundError as e:
+            if debug:
+                raise
+            _fail(f"no module named {e.name!r}: this command needs the converter's dependencies (torch, safetensors, numpy, "
+                  "PyYAML, tqdm); install indextts2-convert with them (without --no-deps). `check` needs none of them")
         except KeyboardInterrupt:
             if debug:
                 raise
@@ -235,58 +241,19 @@ def _verify_forward(src, out_file, extra, config, failures_only):
 @main.command("check")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--hash", "full_hash", is_flag=True, help="Also re-hash files against a folder's manifest.json.")
+@click.option("--schema-version", "pin", default=None, metavar="X",
+              help="The schema version the runtime supports: '1' accepts any 1.x this checker knows, '1.1' accepts "
+                   "1.0 and 1.1 (files of a newer minor or another major are refused).")
 @guarded
-def check_cmd(paths, full_hash):
+def check_cmd(paths, full_hash, pin):
     """Check canonical files (or folders of them, with their manifest.json) against
-    canonical_schema.json.  Reads headers only, unless --hash."""
-    files: list[str] = []
-    for p in paths:
-        if os.path.isdir(p):
-            found = sorted(os.path.join(p, n) for n in os.listdir(p) if n.endswith(".safetensors"))
-            if not found:
-                raise ConvertError(f"{p}: no .safetensors files in this folder")
-            files += found
-        elif os.path.exists(p):
-            files.append(p)
-        else:
-            raise ConvertError(f"{p}: no such file or folder")
-    bad = 0
-    from . import golden
-    from .release import check_manifest, cross_file_problems
+    canonical_schema.json.  Reads headers only, unless --hash.  Runs with the standard
+    library alone (converters/check.py, which `indextts-convert check` runs without click)."""
+    from .check import check_paths
 
-    for p in paths:
-        if os.path.isdir(p):
-            errs = check_manifest(p, full_hash) + cross_file_problems(p)
-            for e in errs:
-                click.echo(f"error: {e}", err=True)
-            bad += bool(errs)
-            gdir = os.path.join(p, golden.FOLDER)
-            if os.path.isdir(gdir):
-                files += golden.canonical_files(gdir)
-    for f in files:
-        if _is_golden_file(f):
-            errs = golden.check_golden(f, full_hash)
-            ok = f"ok {f} (golden activations for {os.path.basename(f)})"
-        else:
-            kind, errs = schema.check_file(f)
-            ok = f"ok {f} ({kind}, schema v{schema.schema_version()})"
-        if errs:
-            bad += 1
-            for e in errs:
-                click.echo(f"error: {e}", err=True)
-        else:
-            click.echo(ok)
-    if bad:
-        sys.exit(1)
-
-
-def _is_golden_file(path: str) -> bool:
-    from . import golden, st_header
-
-    try:
-        return golden.is_golden(st_header.read_header(path).metadata)
-    except ConvertError:
-        return False  # reported by the schema check
+    code = check_paths(paths, full_hash, pin, echo=click.echo, echo_err=lambda m: click.echo(m, err=True))
+    if code:
+        sys.exit(code)
 
 
 @main.command("golden")
@@ -310,14 +277,18 @@ def golden_cmd(out_dir, models, seed):
 def inspect_cmd(path, config):
     """Describe a source or canonical file: model, tensors, what each becomes."""
     from . import st_header
-    from .detect import detect
-    from .sources import open_source, sniff
 
-    if not os.path.isdir(path) and sniff(path) == "safetensors":
-        header = st_header.read_header(path)
-        if header.metadata.get("schema") == schema.SCHEMA_NAME:
+    if os.path.isfile(path):  # a canonical file is described from its header, without importing torch
+        try:
+            header = st_header.read_header(path)
+        except ConvertError:
+            header = None  # a source (or a damaged file): the reader below says which
+        if header is not None and header.metadata.get("schema") == schema.SCHEMA_NAME:
             _inspect_canonical(path, header)
             return
+    from .detect import detect
+    from .sources import open_source
+
     engine = _engine()
     file = path
     kind = None

@@ -9,6 +9,12 @@ and required to agree everywhere after, so a fine-tune with other sizes still pa
 
 The checker reads headers only.  It is used twice: on the plan before a converter
 writes anything, and by ``convert.py check`` on finished files.
+
+Versions are "MAJOR.MINOR" (:func:`parse_version`; a file that says "1" is 1.0).  A
+major bump is a breaking change (an existing layout changes); a minor bump is
+additive (new optional keys, tensors or models).  The checker accepts a file whose
+major equals its own and whose minor is not newer than its own, and a runtime may pin
+the version it supports (:func:`version_problem`, ``check --schema-version``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import ast
 import json
 import operator
 import os
+import re
 from functools import lru_cache
 
 from reference.header import FLOAT_DTYPES  # noqa: F401 (the file-dtype names, one table)
@@ -25,18 +32,100 @@ from . import opspec, templates
 from .errors import ConvertError
 
 SCHEMA_NAME = "indextts2-canonical"
-SCHEMA_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "canonical_schema.json")
+SCHEMA_FILE = "canonical_schema.json"
 REQUIRED_METADATA = ("schema", "schema_version", "model", "config", "source", "converter_version", "provenance", "dropped", "dtype")
+
+
+def _schema_path() -> str:
+    """The checkout's top-level ``canonical_schema.json`` (the one source of the
+    format), else the copy the build put inside the installed ``converters`` package."""
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), SCHEMA_FILE)
+    if os.path.isfile(checkout):
+        return checkout
+    from importlib import resources
+
+    return str(resources.files(__package__).joinpath(SCHEMA_FILE))
+
+
+SCHEMA_PATH = _schema_path()
 
 
 @lru_cache(maxsize=1)
 def load_schema() -> dict:
-    with open(SCHEMA_PATH) as f:
-        return json.load(f)
+    try:
+        with open(SCHEMA_PATH) as f:
+            return json.load(f)
+    except OSError as e:
+        raise ConvertError(f"{SCHEMA_PATH}: cannot read the format specification ({e.strerror or e}); a checkout has "
+                           f"{SCHEMA_FILE} at its top level, an installed package inside converters/ (reinstall it)") from None
 
 
-def schema_version() -> int:
-    return int(load_schema()["version"])
+# ------------------------------------------------------------ versions
+
+_VERSION = re.compile(r"(0|[1-9][0-9]*)(?:\.(0|[1-9][0-9]*))?")
+
+
+def parse_version(v) -> tuple[int, int]:
+    """``"MAJOR.MINOR"`` -> (major, minor).  A bare major (``"1"``, or the int 1 of the
+    schema files before 1.1) is MAJOR.0.  ValueError for anything else."""
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v, 0
+    m = _VERSION.fullmatch(v) if isinstance(v, str) else None
+    if m is None:
+        raise ValueError(f"{v!r} is not a schema version (MAJOR.MINOR, such as 1.1, or a bare MAJOR)")
+    return int(m[1]), int(m[2] or 0)
+
+
+def schema_version() -> str:
+    """The version of ``canonical_schema.json``, as "MAJOR.MINOR"; every file written
+    records it as its ``schema_version``."""
+    major, minor = parse_version(load_schema()["version"])
+    return f"{major}.{minor}"
+
+
+def check_pin(pin: str) -> None:
+    """Refuse a ``--schema-version`` this checker cannot check for: another major, or
+    not a version at all."""
+    try:
+        major, _ = parse_version(pin)
+    except ValueError as e:
+        raise ConvertError(f"--schema-version: {e}") from None
+    own = parse_version(schema_version())
+    if major != own[0]:
+        raise ConvertError(f"--schema-version {pin}: this checker knows schema {schema_version()} and checks "
+                           f"{own[0]}.x files only; use a release of indextts-convert for schema {major}.x")
+
+
+def version_problem(found, pin: str | None = None) -> str | None:
+    """Why a file made for schema ``found`` is refused, or None.
+
+    Accepted: the same major as this checker, a minor not newer than its own (older
+    minors are accepted: minor versions only add what older files may lack).  ``pin``,
+    the version a runtime supports: a bare major ("1") accepts every 1.x this checker
+    accepts; "MAJOR.MINOR" also refuses files newer than that minor (a runtime for 1.1
+    reads 1.0 and 1.1 files, not 1.2)."""
+    own_text = schema_version()
+    own = parse_version(own_text)
+    try:
+        got = parse_version(found)
+    except ValueError:
+        return f"schema_version {found!r} is not MAJOR.MINOR"
+    if got[0] != own[0]:
+        how = ("convert the source again" if got[0] < own[0]
+               else "upgrade indextts-convert, or convert with the converter version the runtime supports")
+        return (f"made for schema version {found}, this tool checks version {own_text} (major {own[0]}; another major "
+                f"is another layout); {how}")
+    if got[1] > own[1]:
+        return (f"made for schema version {found}, newer than this tool's {own_text}; upgrade indextts-convert "
+                "(a newer minor only adds, but this checker does not know what)")
+    if pin is not None:
+        want = parse_version(pin)
+        if got[0] != want[0]:
+            return f"made for schema version {found}, but --schema-version {pin} was asked for"
+        if "." in str(pin) and got[1] > want[1]:
+            return (f"made for schema version {found}, newer than the {pin} the runtime supports (--schema-version {pin}); "
+                    f"the runtime needs updating to read {got[0]}.{got[1]} files")
+    return None
 
 
 def model_spec(kind: str) -> dict:
@@ -135,8 +224,10 @@ def expected_tensors(kind: str, config: dict) -> dict[str, dict]:
     return out
 
 
-def check(kind: str, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str], where: str) -> list[str]:
-    """Every problem found, as messages naming ``where`` and the tensor.  Empty = pass."""
+def check(kind: str, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str], where: str,
+          pin: str | None = None) -> list[str]:
+    """Every problem found, as messages naming ``where`` and the tensor.  Empty = pass.
+    ``pin``: the schema version a runtime supports (:func:`version_problem`)."""
     errs: list[str] = []
     for key in REQUIRED_METADATA:
         if key not in metadata:
@@ -145,8 +236,9 @@ def check(kind: str, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: 
         return errs
     if metadata["schema"] != SCHEMA_NAME:
         return [f"{where}: metadata schema is {metadata['schema']!r}, not {SCHEMA_NAME!r}"]
-    if metadata["schema_version"] != str(schema_version()):
-        return [f"{where}: made for schema version {metadata['schema_version']}, this tool checks version {schema_version()}; convert the source again"]
+    problem = version_problem(metadata["schema_version"], pin)
+    if problem:
+        return [f"{where}: {problem}"]
     if metadata["model"] != kind:
         return [f"{where}: metadata says model {metadata['model']!r}, expected {kind!r}"]
     parsed = {}
@@ -163,8 +255,14 @@ def check(kind: str, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: 
     config, prov = parsed["config"], parsed["provenance"]
     spec = model_spec(kind)
     for key, typ in spec["config"].items():
+        optional = typ.endswith("?")  # "int?": a key a minor version added; older files may lack it
+        typ = typ.rstrip("?")
+        if key not in config and optional:
+            continue
         if key not in config:
-            errs.append(f"{where}: config has no {key!r}")
+            older = parse_version(metadata["schema_version"]) < parse_version(schema_version())
+            errs.append(f"{where}: config has no {key!r}" + (f" (the file says schema {metadata['schema_version']}, made by "
+                        f"an older converter than schema {schema_version()} needs; convert the source again)" if older else ""))
         elif not _TYPES[typ](config[key]):
             errs.append(f"{where}: config {key!r} = {config[key]!r} is not {typ}")
     if errs:
@@ -241,8 +339,9 @@ def _show(sym, env, free):
         return sym
 
 
-def check_file(path: str) -> tuple[str | None, list[str]]:
-    """Check one canonical file by its header.  Returns (model kind, problems)."""
+def check_file(path: str, pin: str | None = None) -> tuple[str | None, list[str]]:
+    """Check one canonical file by its header.  Returns (model kind, problems).
+    ``pin``: the schema version a runtime supports (:func:`version_problem`)."""
     from . import st_header
 
     try:
@@ -255,4 +354,4 @@ def check_file(path: str) -> tuple[str | None, list[str]]:
     if kind not in load_schema()["models"]:
         return kind, [f"{path}: unknown model kind {kind!r}"]
     tensors = {n: (i.dtype, i.shape) for n, i in header.tensors.items()}
-    return kind, st_header.layout_problems(header) + check(kind, tensors, header.metadata, path)
+    return kind, st_header.layout_problems(header) + check(kind, tensors, header.metadata, path, pin)

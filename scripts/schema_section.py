@@ -3,8 +3,9 @@
 
     python scripts/schema_section.py MODEL SECTION.json
 
-Writes the schema in its house format (one tensor entry per line).  Bump the schema
-"version" by hand when a change alters an existing model's layout.
+Writes the schema in its house format (one tensor entry per line).  Raise the schema
+"version" ("MAJOR.MINOR") by hand: the major when a change alters an existing layout,
+the minor for an addition older files may lack (README, "Schema versions").
 """
 
 import fcntl
