@@ -119,7 +119,7 @@ def run_check(argv: list[str], prog: str = "indextts-convert check") -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        _err("error: interrupted; no output was written")
+        _err("error: interrupted; check writes nothing")
         return 130
     except OSError as e:
         if args.debug:

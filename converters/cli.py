@@ -43,7 +43,8 @@ def guarded(fn):
         except KeyboardInterrupt:
             if debug:
                 raise
-            _fail("interrupted; no output was written", 130)
+            _fail("interrupted; the file being written was discarded (files finished before it, and for `all` "
+                  "their manifest entries, are kept)", 130)
         except OSError as e:
             if debug:
                 raise
@@ -300,28 +301,31 @@ def inspect_cmd(path, config):
         if kind is None:
             raise ConvertError(f"{path}: no known checkpoint in this folder")
         file, _ = registry.locate(kind, path, config)
-    src = open_source(file)
-    kind = detect(src.names()) or kind
-    click.echo(f"{file}: {src.format} source, {len(src.shapes)} tensors, looks like: {kind or 'unknown model'}")
-    for n in src.notes:
-        click.echo(f"  note: {n}")
-    if kind is None:
-        for n in src.names():
-            click.echo(f"  {n} {list(src.shapes[n])} {str(src.dtypes[n]).replace('torch.', '')}")
-        return
-    try:
-        p = engine.prepare(kind, file, config, hash_source=False)
-    except ConvertError as e:
-        for n in src.names():
-            click.echo(f"  {n} {list(src.shapes[n])} {str(src.dtypes[n]).replace('torch.', '')}")
-        raise ConvertError(f"cannot convert as {kind}: {e}") from None
-    click.echo(f"  becomes {len(p.plan.entries)} canonical tensors; {len(p.plan.dropped)} source entries dropped")
-    for e in sorted(p.plan.entries, key=lambda e: e.name):
-        click.echo(f"  {', '.join(e.sources) or '(regenerated)'} --{e.op}--> {e.name} {list(e.shape)}")
-    for n, why in p.plan.dropped.items():
-        click.echo(f"  dropped {n}: {why}")
-    for n in p.plan.notes:
-        click.echo(f"  note: {n}")
+    with open_source(file) as src:  # opened once: prepare plans from this source
+        kind = detect(src.names()) or kind
+        click.echo(f"{file}: {src.format} source, {len(src.shapes)} tensors, looks like: {kind or 'unknown model'}")
+        for n in src.notes:
+            click.echo(f"  note: {n}")
+        if kind is None:
+            for n in src.names():
+                click.echo(f"  {n} {list(src.shapes[n])} {str(src.dtypes[n]).replace('torch.', '')}")
+            return
+        try:
+            p = engine.prepare(kind, file, config, hash_source=False, opened=src)
+        except ConvertError as e:
+            for n in src.names():
+                click.echo(f"  {n} {list(src.shapes[n])} {str(src.dtypes[n]).replace('torch.', '')}")
+            raise ConvertError(f"cannot convert as {kind}: {e}") from None
+        try:
+            click.echo(f"  becomes {len(p.plan.entries)} canonical tensors; {len(p.plan.dropped)} source entries dropped")
+            for e in sorted(p.plan.entries, key=lambda e: e.name):
+                click.echo(f"  {', '.join(e.sources) or '(regenerated)'} --{e.op}--> {e.name} {list(e.shape)}")
+            for n, why in p.plan.dropped.items():
+                click.echo(f"  dropped {n}: {why}")
+            for n in p.plan.notes:
+                click.echo(f"  note: {n}")
+        finally:
+            p.src.close()  # its extra sources too (the main one is closed by the with)
 
 
 def _inspect_canonical(path, header):

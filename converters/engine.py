@@ -75,8 +75,19 @@ def input_files(mod, src_file: str, extra: dict[str, str] | None) -> dict[str, s
 
 
 def combine(main: Source, extra_files: dict[str, str]) -> Source:
-    """The main source, with each extra file's tensors under its prefix."""
-    return CombinedSource(main, {p: open_source(f) for p, f in extra_files.items()}) if extra_files else main
+    """The main source, with each extra file's tensors under its prefix (an extra that
+    fails to open closes those opened before it)."""
+    if not extra_files:
+        return main
+    opened: dict[str, Source] = {}
+    try:
+        for p, f in extra_files.items():
+            opened[p] = open_source(f)
+    except BaseException:
+        for s in opened.values():
+            s.close()
+        raise
+    return CombinedSource(main, opened)
 
 
 @dataclass
@@ -102,29 +113,37 @@ class Prepared:
 
 def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "keep", hash_source: bool = True,
             extra: dict[str, str] | None = None, options: dict[str, str] | None = None,
-            located: tuple[str, str | None] | None = None) -> Prepared:
+            located: tuple[str, str | None] | None = None, opened: Source | None = None) -> Prepared:
     """Open the sources, plan every output tensor and check the plan against the
     schema; with ``hash_source``, the sources' sha256 are asked for (they may already
     be running: the CLI asks before importing torch).  ``located`` is the
-    (checkpoint, config) pair :func:`registry.locate` already found, if the caller did."""
+    (checkpoint, config) pair :func:`registry.locate` already found, if the caller did;
+    ``opened``, the checkpoint already opened (``inspect``), which the caller closes."""
     mod = model_module(kind)
     src_file, cfg_file = located or locate(kind, src_path, config_path)
     raw = mod.load_config(cfg_file)
     # Options that change the canonical form (registry.CHOICES) go to runtime_config,
     # which records them in the metadata config.
     config = mod.runtime_config(raw, cfg_file, **(options or {}))
-    main = open_source(src_file)
+    main = opened or open_source(src_file)
+    src = main
     try:
-        return _plan(kind, mod, main, src_file, config, dtype, hash_source, extra)
+        _refuse_other_model(kind, main)
+        extra_files = input_files(mod, src_file, extra)
+        src = combine(main, extra_files)
+        return _plan(kind, mod, src, src_file, extra_files, config, dtype, hash_source)
     except BaseException:
-        main.close()  # nothing of a refused source stays open
+        if opened is None:
+            src.close()  # nothing of a refused source stays open (a combined source closes its parts)
+        elif src is not main:
+            for prefix, part in src.parts.items():
+                if prefix:
+                    part.close()
         raise
 
 
-def _plan(kind, mod, main: Source, src_file: str, config: dict, dtype: str, hash_source: bool, extra) -> Prepared:
-    _refuse_other_model(kind, main)
-    extra_files = input_files(mod, src_file, extra)
-    src = combine(main, extra_files)
+def _plan(kind, mod, src: Source, src_file: str, extra_files: dict[str, str], config: dict, dtype: str,
+          hash_source: bool) -> Prepared:
     files = {"": src_file, **extra_files}
     rows, loops = mod.table(config)
     target = DTYPE_CHOICES[dtype]
@@ -153,7 +172,6 @@ def _plan(kind, mod, main: Source, src_file: str, config: dict, dtype: str, hash
     tensors = {e.name: (stio.st_dtype(e.dtype, e.name), e.shape) for e in plan.entries}
     errs = schema.check(kind, tensors, p.metadata(), src_file)  # the header as it will be written
     if errs:
-        src.close()
         raise ConvertError(f"{src_file}: the converted tensors would not match the schema:\n  " + "\n  ".join(errs[:20]))
     return p
 

@@ -1,10 +1,15 @@
-"""The reader layer: every source file becomes a flat ``name -> tensor`` view.
+"""The reader layer: every source file becomes a :class:`Source`, a flat
+``name -> tensor`` view.
 
-Supported inputs:
-- ``.safetensors`` (header validated by :mod:`safetensors_io`, tensors read one at a time)
-- zip ``.pth``/``.pt`` checkpoints, via ``torch.load(weights_only=True, mmap=True)``,
-  after checking the archive records (see :func:`_check_zip`)
+Supported inputs (told apart by :func:`sniff` from the first bytes):
+
+- ``.safetensors``: :class:`SafetensorsSource`, header validated by the strict reader
+  (:mod:`st_header`), tensors read one at a time (:mod:`st_read`)
+- zip ``.pth``/``.pt`` checkpoints, via ``torch.load(weights_only=True, mmap=True)``
+  after the archive checks of :mod:`pth_reader` (records, sizes, bounded inflation)
 - legacy (pre-1.6, non-zip) ``.pth`` files, via ``torch.load(weights_only=True)``
+
+Both ``.pth`` kinds become a :class:`MappingSource` over the unwrapped tensors.
 
 Known wrapper dicts (``generator``, ``model``, ``state_dict``, ``net``) are unwrapped,
 nested dicts of state dicts (``net = {"cfm": sd, ...}``) are flattened with ``.``, and
@@ -13,20 +18,23 @@ counters) is recorded in ``dropped`` with the reason and never read.
 
 A file holding one bare tensor (``torch.save(tensor)``, as IndexTTS-2's ``feat1.pt`` and
 ``feat2.pt``) becomes a one-entry view named :data:`BARE_TENSOR_NAME`.
+
+Every source is a context manager, and ``close`` may be called any number of times:
+``with open_source(path) as src: ...``.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 
 import torch
 
-from . import safetensors_io as stio
+from . import pth_reader
 from .errors import ConvertError
 from .schema import SCHEMA_NAME
+from .st_header import Header, read_header
+from .st_read import DTYPES, read_tensor
 
 WRAPPERS = ("generator", "model", "state_dict", "net")
 BARE_TENSOR_NAME = "tensor"  # the name of the single tensor in a bare torch.save(tensor) file
@@ -35,74 +43,98 @@ ZIP_MAGIC = b"PK\x03\x04"
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."  # legacy torch.save prefix
 
 
-@dataclass
+@dataclass(eq=False)
 class Source:
+    """The one interface to a checkpoint: what the table resolver, the engine,
+    ``inspect`` and ``verify`` use.
+
+    ``shapes`` and ``dtypes`` describe every tensor (by flat name), ``dropped`` what the
+    reader left out and why, ``notes`` what it did (unwrapping, prefixes), ``metadata``
+    a safetensors file's ``__metadata__``.  ``get(name)`` returns one tensor; ``close()``
+    releases the file (idempotent; ``get`` is refused afterwards).
+
+    The readers are :class:`SafetensorsSource` and :class:`MappingSource`
+    (:class:`CombinedSource` joins several).  A plain ``Source`` describes tensors
+    without holding any (planning at full size on the meta device, tests): its ``get``
+    is refused.
+    """
+
     path: str
-    format: str  # "safetensors" | "pth-zip" | "pth-legacy"
+    format: str  # "safetensors" | "pth-zip" | "pth-legacy" | a description ("meta")
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
     dropped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
-    _tensors: dict[str, torch.Tensor] | None = None
-    _header: stio.Header | None = None
-    _fh: object = None
 
     def names(self) -> list[str]:
         return list(self.shapes)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _known(self, name: str) -> None:
         if name not in self.shapes:
             raise ConvertError(f"{self.path}: no tensor {name!r}")
-        if self._tensors is not None:
-            t = self._tensors[name]
-            if self.format == "pth-zip":
-                _populate(t)
-            return t
-        assert self._header is not None
-        if self._fh is None:
-            self._fh = open(self.path, "rb")
-        return stio.read_tensor(self.path, self._header.tensors[name], self._fh)
+
+    def get(self, name: str) -> torch.Tensor:
+        self._known(name)
+        raise ConvertError(f"{self.path}: tensor {name!r}: this source describes shapes only and holds no data")
 
     def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    def _closed(self, name: str) -> ConvertError:
+        return ConvertError(f"{self.path}: tensor {name!r} asked for after the source was closed (converter bug)")
+
+
+@dataclass(eq=False)
+class MappingSource(Source):
+    """A ``.pth`` checkpoint, unwrapped into ``name -> tensor``.  With ``populate`` (the
+    tensors are memory-mapped) each tensor's pages are mapped in one call when asked
+    for (:func:`pth_reader.populate`)."""
+
+    tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    populate: bool = False
+
+    def get(self, name: str) -> torch.Tensor:
+        self._known(name)
+        if self.tensors is None:
+            raise self._closed(name)
+        t = self.tensors[name]
+        if self.populate:
+            pth_reader.populate(t)
+        return t
+
+    def close(self) -> None:
+        self.tensors = None  # drops the memory maps once the last tensor is gone
+
+
+@dataclass(eq=False)
+class SafetensorsSource(Source):
+    """A ``.safetensors`` file: its validated header, each tensor read on demand into
+    a fresh tensor through one open file."""
+
+    header: Header | None = field(default=None, repr=False)
+    _fh: object = field(default=None, repr=False)
+    _is_closed: bool = field(default=False, repr=False)
+
+    def get(self, name: str) -> torch.Tensor:
+        self._known(name)
+        if self._is_closed:
+            raise self._closed(name)
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        return read_tensor(self.path, self.header.tensors[name], self._fh)
+
+    def close(self) -> None:
+        self._is_closed = True
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        self._tensors = None
-
-
-_MADV_POPULATE_READ = 22  # Linux 5.14+
-_madvise = None
-
-
-def _populate(t: torch.Tensor) -> None:
-    """Map a memory-mapped tensor's pages in one call (MADV_POPULATE_READ) instead of
-    one page fault per 4 KiB on first touch; page faults are costly in VMs and made
-    transposed reads of mmap-backed tensors several times slower.  The pages stay
-    file-backed (page cache), so no anonymous memory is used.  A no-op where the
-    kernel does not support it."""
-    global _madvise
-    if _madvise is False:
-        return
-    if _madvise is None:
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _madvise = libc.madvise
-        except (OSError, AttributeError):
-            _madvise = False
-            return
-    st = t.untyped_storage()
-    ptr, n = st.data_ptr(), st.nbytes()
-    if n:
-        base = ptr & ~4095
-        if _madvise(base, ptr + n - base, _MADV_POPULATE_READ) != 0:
-            import ctypes
-
-            if ctypes.get_errno() == 22:  # EINVAL: kernel without MADV_POPULATE_READ
-                _madvise = False
 
 
 def sniff(path: str) -> str:
@@ -134,169 +166,42 @@ def sniff(path: str) -> str:
 
 
 def open_source(path: str) -> Source:
+    """The right reader for the file, or a refusal that says what the file is."""
     fmt = sniff(path)
     if fmt == "safetensors":
         return _open_safetensors(path)
     return _open_pth(path, fmt)
 
 
-def _open_safetensors(path: str) -> Source:
-    header = stio.read_header(path)
+def _open_safetensors(path: str) -> SafetensorsSource:
+    header = read_header(path)
     if header.metadata.get("schema") == SCHEMA_NAME:
         raise ConvertError(
             f"{path}: is already a canonical file (model {header.metadata.get('model', '?')}); "
             "converting it again would transform its tensors twice. Use `convert.py check` on it instead"
         )
-    src = Source(path, "safetensors", {}, {}, metadata=dict(header.metadata), _header=header)
+    src = SafetensorsSource(path, "safetensors", {}, {}, metadata=dict(header.metadata), header=header)
     renamed: dict[str, str] = {}
-    for name, info in header.tensors.items():
+    for name in header.tensors:
         flat = _strip_module(name)
         if flat in renamed.values():
             raise ConvertError(f"{path}: tensor names {name!r} and another collide after stripping 'module.' prefixes")
         renamed[name] = flat
     if any(k != v for k, v in renamed.items()):
         src.notes.append("stripped DDP 'module.' prefixes")
-        src._header = stio.Header(header.path, header.metadata, {renamed[k]: v for k, v in header.tensors.items()}, header.data_start, header.file_size)
-    for name, info in src._header.tensors.items():
+        src.header = Header(header.path, header.metadata, {renamed[k]: v for k, v in header.tensors.items()}, header.data_start, header.file_size)
+    for name, info in src.header.tensors.items():
         src.shapes[name] = info.shape
-        src.dtypes[name] = stio.DTYPES[info.dtype][0]
+        src.dtypes[name] = DTYPES[info.dtype][0]
     return src
 
 
-# Bytes per element of the storage classes torch.save writes in persistent ids.
-STORAGE_ITEMSIZE = {
-    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
-    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
-    "BoolStorage": 1, "UntypedStorage": 1, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16,
-    "Float8_e4m3fnStorage": 1, "Float8_e5m2Storage": 1,
-}
-
-
-class _Stub:
-    """Stands in for every global while scanning a pickle: nothing real is imported or called."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-    def __call__(self, *args, **kwargs):
-        return _Stub()
-
-    def __setitem__(self, key, value):
-        pass
-
-    def append(self, x):
-        pass
-
-    def extend(self, xs):
-        pass
-
-
-def _declared_storages(path: str, pkl: bytes) -> list[tuple[str, str, int]]:
-    """(key, storage class, numel) of every storage a torch pickle refers to, found by
-    running the pickle with stub globals (no real import, no real call)."""
-    found: list[tuple[str, str, int]] = []
-
-    class Scanner(pickle.Unpickler):
-        def find_class(self, module, name):
-            return type(name, (_Stub,), {"_qualname": f"{module}.{name}"})
-
-        def persistent_load(self, pid):
-            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-                raise ConvertError(f"{path}: unexpected persistent id in data.pkl: {str(pid)[:80]}")
-            _, cls, key, _location, numel = pid
-            cls_name = getattr(cls, "__name__", str(cls))
-            if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
-                raise ConvertError(f"{path}: malformed storage reference in data.pkl: {str(pid)[:80]}")
-            found.append((key, cls_name, numel))
-            return _Stub()
-
-    import io
-
-    try:
-        Scanner(io.BytesIO(pkl)).load()
-    except ConvertError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure here means a damaged pickle
-        raise ConvertError(f"{path}: damaged data.pkl ({type(e).__name__}: {e})") from None
-    return found
-
-
-def _check_zip(path: str) -> bool:
-    """Validate a torch zip archive before loading it.
-
-    Every storage data.pkl refers to must have its record in the archive, lying inside
-    the file, with exactly the declared number of bytes: ``torch.load(mmap=True)`` does
-    not check this, so a forged pickle would read neighbouring bytes.  Returns True
-    when every record is stored uncompressed (safe to memory-map), False when one is
-    compressed (the caller then loads without mmap).
-    """
-    try:
-        with zipfile.ZipFile(path) as z:
-            infos = {i.filename: i for i in z.infolist()}
-            pkl_names = [n for n in infos if n.endswith("/data.pkl") or n == "data.pkl"]
-            if len(pkl_names) != 1:
-                raise ConvertError(f"{path}: zip file with {len(pkl_names)} data.pkl records; not a torch checkpoint")
-            pkl_name = pkl_names[0]
-            pkl = z.read(pkl_name)
-    except ConvertError:
-        raise
-    except Exception as e:  # noqa: BLE001 - zipfile raises many kinds on damaged input
-        raise ConvertError(f"{path}: damaged zip checkpoint ({type(e).__name__}: {e}); the file is truncated or corrupt") from None
-    size = os.path.getsize(path)
-    for i in infos.values():
-        if i.header_offset + 30 + len(i.filename) + i.compress_size > size:
-            raise ConvertError(f"{path}: zip record {i.filename} lies past the end of the file; truncated")
-    prefix = pkl_name[: -len("data.pkl")]
-    mmap_ok = True
-    for key, cls, numel in _declared_storages(path, pkl):
-        rec = infos.get(f"{prefix}data/{key}")
-        if rec is None:
-            raise ConvertError(f"{path}: data.pkl refers to storage {key!r}, which the archive does not contain")
-        if cls not in STORAGE_ITEMSIZE:
-            raise ConvertError(f"{path}: storage {key!r} has unsupported type {cls}")
-        want = numel * STORAGE_ITEMSIZE[cls]
-        if rec.file_size != want:
-            raise ConvertError(f"{path}: storage {key!r} declares {want} bytes but its zip record holds {rec.file_size}; the file is forged or damaged")
-        if rec.compress_type != zipfile.ZIP_STORED:
-            mmap_ok = False
-    return mmap_ok
-
-
-def _load_pickle(path: str, mmap: bool):
-    try:
-        # weights_only is passed explicitly so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
-        if "Unsupported global" in str(e) or "Weights only load failed" in str(e):
-            raise ConvertError(
-                f"{path}: refused: the pickle asks for code or objects a weights-only load does not allow "
-                f"({_unsupported_global(str(e)) or first}); this is not a plain checkpoint and was not run"
-            ) from None
-        raise ConvertError(f"{path}: cannot unpickle checkpoint: {first}") from None
-    except Exception as e:  # noqa: BLE001 - whatever torch.load raises, the file is unusable
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"{path}: damaged checkpoint: {first}") from None
-
-
-def _unsupported_global(msg: str) -> str | None:
-    for line in msg.splitlines():
-        if "Unsupported global" in line:
-            return line.strip().rstrip(".")
-    return None
-
-
-def _open_pth(path: str, fmt: str) -> Source:
-    if fmt == "pth-zip":
-        obj = _load_pickle(path, mmap=_check_zip(path))
-    else:
-        obj = _load_pickle(path, mmap=False)
-    src = Source(path, fmt, {}, {})
+def _open_pth(path: str, fmt: str) -> MappingSource:
+    mmap = pth_reader.check_zip(path) if fmt == "pth-zip" else False
+    obj = pth_reader.load_pickle(path, mmap=mmap)
+    src = MappingSource(path, fmt, {}, {}, populate=mmap)
     tensors = unwrap(obj, src)
-    src._tensors = tensors
+    src.tensors = tensors
     for name, t in tensors.items():
         src.shapes[name] = tuple(t.shape)
         src.dtypes[name] = t.dtype
@@ -368,7 +273,8 @@ def unwrap(obj, src: Source) -> dict[str, torch.Tensor]:
 
 class CombinedSource(Source):
     """A main source plus extra files whose tensors appear under a prefix
-    (``stats/mean``), for models built from more than one upstream file."""
+    (``stats/mean``), for models built from more than one upstream file.  Closing it
+    closes every part."""
 
     def __init__(self, main: Source, extras: dict[str, Source]):
         super().__init__(main.path, main.format, dict(main.shapes), dict(main.dtypes),

@@ -198,3 +198,113 @@ def unsupported_dtype_pth(folder, good):
     sd["generator"]["conv_pre.bias"] = sd["generator"]["conv_pre.bias"].to(torch.complex64)
     torch.save(sd, path)
     return path
+
+
+# ------------------------------------------------------------------ zip bombs (issue 15)
+
+GiB = 1 << 30
+
+
+def _zeros_deflated(n: int):
+    """A raw deflate stream of n zero bytes (n a multiple of 1 MiB), as chunks, built
+    in milliseconds: after a full flush the compressor starts afresh, so every 1 MiB
+    block compresses to the same ~1 KB, which is repeated (3 GiB -> 3 MB)."""
+    import zlib
+
+    mib = 1 << 20
+    co = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    block = co.compress(bytes(mib)) + co.flush(zlib.Z_FULL_FLUSH)
+    end = co.flush(zlib.Z_FINISH)
+    return [block] * (n // mib) + [end]
+
+
+def _zeros_crc(n: int) -> int:
+    import zlib
+
+    crc, mib = 0, bytes(1 << 20)
+    for _ in range(n >> 20):
+        crc = zlib.crc32(mib, crc)
+    return crc
+
+
+def _raw_zip(path: str, records) -> None:
+    """A zip written by hand, so a record's declared size and compressed bytes can be
+    anything: records are (name, method, crc, chunks of compressed bytes, declared size)."""
+    with open(path, "wb") as f:
+        central = []
+        for name, method, crc, chunks, size in records:
+            off, n = f.tell(), name.encode()
+            csize = sum(len(c) for c in chunks)
+            f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0x21, crc, csize, size, len(n), 0) + n)
+            for c in chunks:
+                f.write(c)
+            central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0x21, crc, csize, size,
+                                       len(n), 0, 0, 0, 0, 0, off) + n)
+        cd = b"".join(central)
+        at = f.tell()
+        f.write(cd + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(records), len(records), len(cd), at, 0))
+
+
+def _stored(name: str, data: bytes):
+    import zlib
+
+    return (name, zipfile.ZIP_STORED, zlib.crc32(data), [data], len(data))
+
+
+_META = [_stored("archive/version", b"3\n"), _stored("archive/byteorder", b"little")]
+
+
+def pickle_bomb(folder, good):
+    """3 MB on disk: archive/data.pkl is deflated zeros declaring (truthfully) 3 GiB."""
+    path = _sibling(folder, "bigvgan_generator.pt", b"", good)
+    n = 3 * GiB
+    _raw_zip(path, [("archive/data.pkl", zipfile.ZIP_DEFLATED, _zeros_crc(n), _zeros_deflated(n), n)] + _META)
+    return path
+
+
+def pickle_bomb_lying(folder, good):
+    """The same 3 GiB stream, but the zip headers declare 4 KiB: only a reader that
+    stops at the declared size is safe."""
+    path = _sibling(folder, "bigvgan_generator.pt", b"", good)
+    _raw_zip(path, [("archive/data.pkl", zipfile.ZIP_DEFLATED, _zeros_crc(4096), _zeros_deflated(3 * GiB), 4096)] + _META)
+    return path
+
+
+def torch_pickle(tensors: dict[str, int]) -> bytes:
+    """data.pkl of ``{"generator": {name: float32 tensor of numel}}``, storages "0", "1",
+    ..., written the way torch.save writes it (torch.load reads it)."""
+    import collections
+    import io
+
+    class Storage:
+        def __init__(self, key, numel):
+            self.key, self.numel = key, numel
+
+    class Tensor:
+        def __init__(self, storage):
+            self.storage = storage
+
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2,
+                    (self.storage, 0, (self.storage.numel,), (1,), False, collections.OrderedDict()))
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, Storage):
+                return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+            return None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"generator": {n: Tensor(Storage(str(i), k)) for i, (n, k) in enumerate(tensors.items())}})
+    return buf.getvalue()
+
+
+def storage_bomb(folder, good):
+    """A 1 MB file whose pickle declares a 1 GiB float storage, deflated zeros: every
+    size agrees, only the compression ratio (about 1000x) gives it away."""
+    path = _sibling(folder, "bigvgan_generator.pt", b"", good)
+    n = GiB
+    pkl = torch_pickle({"conv_pre.weight": n // 4})
+    _raw_zip(path, [_stored("archive/data.pkl", pkl),
+                    ("archive/data/0", zipfile.ZIP_DEFLATED, _zeros_crc(n), _zeros_deflated(n), n)] + _META)
+    return path

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import struct
+import zipfile
+import zlib
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -115,3 +117,38 @@ def test_mutated_pth(tmp_path, ts, data):
     # Accepted: every tensor is readable with its declared shape.
     for name in src.names():
         assert tuple(src.get(name).shape) == src.shapes[name]
+
+
+@st.composite
+def zip_records(draw):
+    """One zip record whose declared size, CRC and compressed bytes may each lie."""
+    payload = draw(st.binary(max_size=2048)) * draw(st.integers(1, 40))  # repeats compress well
+    method = draw(st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]))
+    body = payload if method == zipfile.ZIP_STORED else zlib.compress(payload, 6)[2:-4]  # raw deflate
+    declared = max(0, len(payload) + draw(st.sampled_from([0, 0, 0, -1, 1, -len(payload), 1000])))
+    crc = zlib.crc32(payload) if draw(st.booleans()) else draw(st.integers(0, 2**32 - 1))
+    cut = draw(st.sampled_from([len(body), len(body), max(0, len(body) - draw(st.integers(1, 16)))]))
+    limit = draw(st.sampled_from([1 << 20, max(0, len(payload) - 1)]))
+    return payload, method, body[:cut], cut == len(body), declared, crc, limit
+
+
+@SLOW
+@given(rec=zip_records())
+def test_bounded_record_reader(tmp_path, rec):
+    """read_record returns a record's bytes exactly when its size, stream and CRC all
+    agree and it is within the limit; otherwise a ConvertError, never another error."""
+    from converters import pth_reader
+    from tests import hostile
+
+    payload, method, body, whole, declared, crc, limit = rec
+    p = tmp_path / "r.zip"
+    hostile._raw_zip(str(p), [("archive/data.pkl", method, crc, [body], declared)])
+    info = zipfile.ZipFile(p).infolist()[0]
+    good = whole and declared == len(payload) and crc == zlib.crc32(payload) and declared <= limit
+    with open(p, "rb") as f:
+        try:
+            got = pth_reader.read_record(str(p), f, info, limit)
+        except ConvertError:
+            assert not good
+            return
+    assert got == payload and declared <= limit and crc == zlib.crc32(payload)

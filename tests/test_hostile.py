@@ -10,6 +10,7 @@ import resource
 import signal
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -122,18 +123,20 @@ def test_disk_full_mid_write(tmp_path, good, half_output):
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import converters.safetensors_io as stio
+import converters.st_write as st_write
 where = {where!r}
 if where == "data":  # die while producing the 10th tensor, half the data written
-    orig_layout = stio.layout
+    orig_layout = st_write.layout
     def layout(ts):
         ts = orig_layout(ts)
         victim = ts[min(10, len(ts) - 1)]
         victim.produce = lambda: os.kill(os.getpid(), signal.SIGKILL)
         return ts
-    stio.layout = layout
-else:  # die at the fsync before the rename: every byte written, nothing committed
+    st_write.layout = layout
+elif where == "fsync":  # die at the fsync before the rename: every byte written, nothing committed
     os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+else:  # die at the rename: the finished file already has its hidden name
+    os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 from converters.cli import main
 main({args!r})
 """
@@ -156,12 +159,13 @@ def out_dir(request, tmp_path):
         shutil.rmtree(d)
 
 
-@pytest.mark.parametrize("where", ["data", "fsync"])
+@pytest.mark.parametrize("where", ["data", "fsync", "replace"])
 def test_killed_mid_write(good, where, out_dir):
     """SIGKILL part-way through writing: no partial file at the output path and an
     earlier output untouched.  Where the filesystem lets an O_TMPFILE be linked in,
-    nothing at all is left behind; elsewhere at most a hidden .tmp file."""
-    from converters import safetensors_io as stio
+    nothing at all is left behind; elsewhere at most a hidden .tmp file.  Killed at the
+    rename itself, the finished file is left under its hidden name on both paths."""
+    from converters import atomic
 
     out = out_dir / "o.safetensors"
     out.write_bytes(b"earlier output")
@@ -170,7 +174,109 @@ def test_killed_mid_write(good, where, out_dir):
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert out.read_bytes() == b"earlier output"
     left = sorted(os.listdir(out_dir))
-    if stio._tmpfile_links(str(out_dir)):
+    if where == "replace":
+        # The one window a kill leaves a file in, on either path (README): the hidden
+        # name, holding the complete output.
+        from converters.st_header import read_header
+
+        assert len(left) == 2 and left[0].startswith(".o.safetensors.") and left[0].endswith(".tmp"), left
+        assert read_header(str(out_dir / left[0])).metadata["model"] == "bigvgan"
+    elif atomic.tmpfile_links(str(out_dir)) and atomic.process_umask() is not None:
         assert left == ["o.safetensors"]
     else:
         assert left[-1] == "o.safetensors" and all(n.startswith(".o.safetensors.") and n.endswith(".tmp") for n in left[:-1])
+
+
+# ------------------------------------------------------------------ zip bombs (issue 15)
+
+BOMBS = [
+    ("pickle_bomb", ("archive/data.pkl", "declares 3.0 GiB", "over the 16.0 MiB limit", "zip bomb", "refused before reading it")),
+    ("pickle_bomb_lying", ("archive/data.pkl", "inflates past its declared 4096 bytes", "zip bomb")),
+    ("storage_bomb", ("compressed storages inflate to 1.0 GiB from 1.0 MiB", "zip bomb", "refused before inflating")),
+]
+
+BOMB_CHILD = """
+import json, sys
+sys.path.insert(0, {root!r})
+from click.testing import CliRunner
+from converters import cli
+out = []
+for src, dst in {jobs!r}:
+    r = CliRunner().invoke(cli.main, ["bigvgan", src, dst, "--force"], catch_exceptions=False)
+    out.append([r.exit_code, r.stderr])
+# VmHWM: this process image's peak resident memory (reset by exec, unlike ru_maxrss, which
+# keeps the forking parent's size from before the exec)
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps([out, hwm]))
+"""
+
+PEAK_LIMIT = 512 << 20
+
+
+def test_zip_bombs_refused_in_bounded_memory(tmp_path, good):
+    """A 3 MB checkpoint whose data.pkl inflates to 3 GiB (declared truthfully, or as
+    4 KiB), and a 1 MB one with a 1 GiB deflated storage: each refused with its reason,
+    nothing written, and the converting process (a child, its own VmHWM) never above
+    512 MiB resident, torch included."""
+    import json
+
+    jobs, outs = [], []
+    for case, _ in BOMBS:
+        src = getattr(hostile, case)(str(tmp_path / case), good)
+        out_dir = tmp_path / f"{case}-out"
+        out_dir.mkdir()
+        (out_dir / "bigvgan.safetensors").write_bytes(b"earlier output")
+        jobs.append((src, str(out_dir / "bigvgan.safetensors")))
+        outs.append(out_dir)
+    with open(tmp_path / "stdout", "wb") as so, open(tmp_path / "stderr", "wb") as se:
+        child = subprocess.run([sys.executable, "-c", BOMB_CHILD.format(root=ROOT, jobs=jobs)], stdout=so, stderr=se, cwd=ROOT)
+    assert child.returncode == 0, (tmp_path / "stderr").read_text()
+    results, peak = json.loads((tmp_path / "stdout").read_text().strip().splitlines()[-1])
+    for (case, needles), (code, stderr), (src, _), out_dir in zip(BOMBS, results, jobs, outs):
+        assert_refused(subprocess.CompletedProcess([], code, "", stderr), src, *needles)
+        assert os.listdir(out_dir) == ["bigvgan.safetensors"]
+        assert (out_dir / "bigvgan.safetensors").read_bytes() == b"earlier output"
+    assert peak < PEAK_LIMIT, f"peak resident memory {peak >> 20} MiB"
+
+
+def test_inflation_limits_leave_real_checkpoints_alone(tmp_path, good, monkeypatch):
+    """The ratio rule refuses storages that compress like zeros only beyond the
+    allowance: the deflated bigvgan (random weights) passes with the allowance at zero,
+    a deflated checkpoint of zeros does not."""
+    from converters import pth_reader
+    from converters.errors import ConvertError
+    from converters.sources import open_source
+
+    monkeypatch.setattr(pth_reader, "INFLATE_ALLOWANCE", 0)
+    with open_source(hostile.compressed_records(str(tmp_path / "real"), good)) as src:
+        assert src.names()
+    zeros = tmp_path / "zeros" / "bigvgan_generator.pt"
+    zeros.parent.mkdir()
+    sd = torch.load(good, weights_only=True)
+    torch.save({"generator": {k: torch.zeros_like(v) for k, v in sd["generator"].items()}}, zeros)
+    hostile._rewrite_zip(str(zeros), str(zeros) + ".z", lambda name, data, info: (data, zipfile.ZIP_DEFLATED if "/data/" in name else zipfile.ZIP_STORED))
+    with pytest.raises(ConvertError, match="compressed storages inflate to"):
+        open_source(str(zeros) + ".z")
+
+
+def test_sources_close_idempotently_and_as_context_managers(tmp_path, good):
+    """Every reader closes any number of times, as a context manager too, and refuses
+    reads once closed (engine.prepare and inspect can release a source on any error)."""
+    from converters.errors import ConvertError
+    from converters.sources import CombinedSource, MappingSource, SafetensorsSource, open_source
+
+    st = hostile._safetensors_of(str(tmp_path / "st"), good)
+    for path, kind in ((good, MappingSource), (st, SafetensorsSource)):
+        with open_source(path) as src:
+            assert isinstance(src, kind)
+            name = src.names()[0]
+            assert src.get(name).shape == src.shapes[name]
+        src.close()
+        with pytest.raises(ConvertError, match="after the source was closed"):
+            src.get(name)
+    both = CombinedSource(open_source(good), {"st/": open_source(st)})
+    with both:
+        assert both.get("st/" + name).shape == both.shapes["st/" + name]
+    both.close()
+    with pytest.raises(ConvertError, match="after the source was closed"):
+        both.get("st/" + name)

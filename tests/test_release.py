@@ -183,6 +183,28 @@ def test_cache_location_follows_huggingface_hub(release, tmp_path, monkeypatch, 
     assert f"campplus: {base / 'snapshots' / 'c0ffee'} (in the Hugging Face cache (funasr/campplus))" in p.stdout
 
 
+def test_interrupted_all_says_what_it_kept(release, tmp_path, monkeypatch):
+    """Ctrl-C during `all`: the outputs finished before (and the manifest) stay, and the
+    message says so instead of "no output was written"."""
+    from converters import engine
+
+    real, done = engine.convert, []
+
+    def convert(kind, *a, **k):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(kind)
+        return real(kind, *a, **k)
+
+    monkeypatch.setattr(engine, "convert", convert)
+    out = tmp_path / "out"
+    p = run_cli("all", "--src", release, "--out", out, "--quiet", expect=130)
+    assert "interrupted; the file being written was discarded" in p.stderr and "are kept" in p.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert sorted(m["files"]) == ["emotion_matrix.safetensors", "speaker_matrix.safetensors"]
+    run_cli("check", out)
+
+
 def test_explicit_flag_wins(release, tmp_path):
     other = tmp_path / "elsewhere"
     shutil.move(str(release / "bigvgan"), str(other))

@@ -1,0 +1,284 @@
+"""Reading ``.pth``/``.pt`` checkpoints safely: archive validation with bounded
+inflation, the stub scan of ``data.pkl``, the weights-only load, and page population
+of memory-mapped tensors.
+
+A zip checkpoint is validated before torch sees it (:func:`check_zip`):
+
+- Every record lies inside the file.
+- **Bounded memory.**  ``data.pkl`` is refused when its declared size is over
+  :data:`MAX_PICKLE_BYTES` (16 MiB), before anything is read, and it is inflated in a
+  stream that stops one byte past the declared size, so a record whose deflate stream
+  lies about its size is refused after at most that much output.  Any other compressed
+  record the loader would inflate whole (``version``, ``byteorder``, ...) is held to
+  the same limit.  Deflated storages may inflate to at most
+  :data:`INFLATE_ALLOWANCE` (64 MiB) in total, or :data:`MAX_INFLATE_RATIO` (20) times
+  their compressed size where that is more.
+- Every storage ``data.pkl`` refers to, found by running the pickle with stub globals
+  (nothing is imported or called), has its record in the archive with exactly the
+  declared number of bytes: ``torch.load(mmap=True)`` does not check this, so a forged
+  pickle would read neighbouring bytes.
+
+Why these limits: the pickles of real checkpoints are small, because the weights live
+in the storage records: 17-26 KB in the demo, 83 KB for a full-size ``gpt.pth``,
+107 KB for ``s2mel.pth`` and 122 KB for CAMPPlus (its ~940 records); a training
+checkpoint with optimizer state has about three entries per parameter, still well
+under a megabyte.  16 MiB is over 100 times that.  It also bounds what unpickling can
+build: a pickle can make objects about 37 times its size (two opcodes, an empty dict
+appended to a list, are 2 bytes and 72 bytes of objects), so a 16 MiB pickle can cost
+at most about 0.6 GiB in the scan, where 64 MiB could cost 2.3 GiB.  Storages are the
+weights themselves, so their size is not limited, only their compression ratio: float
+weights deflate by well under 2x, and only a bomb inflates 20x over more than 64 MiB.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import sys
+import zipfile
+import zlib
+
+import torch
+
+from .errors import ConvertError
+
+MAX_PICKLE_BYTES = 16 << 20  # data.pkl (and any other non-storage record torch inflates)
+INFLATE_ALLOWANCE = 64 << 20  # deflated storages, in total, inflate to at most this ...
+MAX_INFLATE_RATIO = 20  # ... or this many times their compressed size where that is more
+CHUNK = 1 << 20  # bytes of compressed input read at a time
+
+# Bytes per element of the storage classes torch.save writes in persistent ids.
+STORAGE_ITEMSIZE = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+    "BoolStorage": 1, "UntypedStorage": 1, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16,
+    "Float8_e4m3fnStorage": 1, "Float8_e5m2Storage": 1,
+}
+
+_MiB = 1 << 20
+
+
+def _mib(n: int) -> str:
+    return f"{n / _MiB:.1f} MiB" if n < (1 << 30) else f"{n / (1 << 30):.1f} GiB"
+
+
+class _Stub:
+    """Stands in for every global while scanning a pickle: nothing real is imported or called."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Stub()
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, x):
+        pass
+
+    def extend(self, xs):
+        pass
+
+
+def declared_storages(path: str, pkl: bytes) -> list[tuple[str, str, int]]:
+    """(key, storage class, numel) of every storage a torch pickle refers to, found by
+    running the pickle with stub globals (no real import, no real call)."""
+    found: list[tuple[str, str, int]] = []
+
+    class Scanner(pickle.Unpickler):
+        def find_class(self, module, name):
+            return type(name, (_Stub,), {"_qualname": f"{module}.{name}"})
+
+        def persistent_load(self, pid):
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+                raise ConvertError(f"{path}: unexpected persistent id in data.pkl: {str(pid)[:80]}")
+            _, cls, key, _location, numel = pid
+            cls_name = getattr(cls, "__name__", str(cls))
+            if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+                raise ConvertError(f"{path}: malformed storage reference in data.pkl: {str(pid)[:80]}")
+            found.append((key, cls_name, numel))
+            return _Stub()
+
+    try:
+        Scanner(io.BytesIO(pkl)).load()
+    except ConvertError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure here means a damaged pickle
+        raise ConvertError(f"{path}: damaged data.pkl ({type(e).__name__}: {e})") from None
+    return found
+
+
+def read_record(path: str, f, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """One zip record's bytes, never more than ``limit``: refused from its declared
+    size before anything is read, and inflated in a stream that is refused as soon as
+    it goes past the declared size (a deflate stream can expand over 1000 times)."""
+    what = f"{path}: zip record {info.filename}"
+    if info.file_size > limit:
+        raise ConvertError(f"{what} declares {_mib(info.file_size)}, over the {_mib(limit)} limit for records "
+                           "inflated into memory; a checkpoint's pickle is kilobytes, so this is a zip bomb or "
+                           "not a torch checkpoint; refused before reading it")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise ConvertError(f"{what} uses compression method {info.compress_type}; torch checkpoints are stored or deflated")
+    try:
+        data = _read_bounded(what, f, info)
+    except (zlib.error, OSError, ValueError) as e:
+        raise ConvertError(f"{what} cannot be read ({type(e).__name__}: {e}); the file is damaged") from None
+    if zlib.crc32(data) != info.CRC:
+        raise ConvertError(f"{what} fails its CRC check; the file is damaged")
+    return data
+
+
+def _read_bounded(what: str, f, info: zipfile.ZipInfo) -> bytes:
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise ConvertError(f"{what}: no local header at its offset; the file is damaged")
+    n_name, n_extra = struct.unpack("<HH", local[26:30])
+    f.seek(info.header_offset + 30 + n_name + n_extra)
+    if info.compress_type == zipfile.ZIP_STORED:
+        if info.compress_size != info.file_size:
+            raise ConvertError(f"{what}: stored with {info.compress_size} bytes but declares {info.file_size}; the file is damaged")
+        data = f.read(info.file_size)
+        if len(data) != info.file_size:
+            raise ConvertError(f"{what} ends early; the file is truncated")
+    else:
+        d = zlib.decompressobj(-zlib.MAX_WBITS)
+        out = bytearray()
+        left, pending = info.compress_size, b""
+        while not d.eof:
+            if not pending:
+                pending = f.read(min(CHUNK, left)) if left else b""
+                left -= len(pending)
+                if not pending:
+                    break
+            out += d.decompress(pending, info.file_size + 1 - len(out))
+            pending = d.unconsumed_tail
+            if len(out) > info.file_size:
+                raise ConvertError(f"{what} inflates past its declared {info.file_size} bytes; the file is forged "
+                                   "(a zip bomb) or damaged; refused after inflating only that much")
+        if not d.eof or len(out) != info.file_size:
+            raise ConvertError(f"{what} inflates to {len(out)} bytes, not its declared {info.file_size}; the file is damaged")
+        data = bytes(out)
+    return data
+
+
+def check_zip(path: str) -> bool:
+    """Validate a torch zip archive before loading it (see the module docstring).
+    Returns True when every storage record is stored uncompressed (safe to
+    memory-map), False when one is compressed (the caller then loads without mmap)."""
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = {i.filename: i for i in z.infolist()}
+    except Exception as e:  # noqa: BLE001 - zipfile raises many kinds on damaged input
+        raise ConvertError(f"{path}: damaged zip checkpoint ({type(e).__name__}: {e}); the file is truncated or corrupt") from None
+    pkl_names = [n for n in infos if n.endswith("/data.pkl") or n == "data.pkl"]
+    if len(pkl_names) != 1:
+        raise ConvertError(f"{path}: zip file with {len(pkl_names)} data.pkl records; not a torch checkpoint")
+    pkl_name = pkl_names[0]
+    for i in infos.values():
+        if i.header_offset + 30 + len(i.filename) + i.compress_size > size:
+            raise ConvertError(f"{path}: zip record {i.filename} lies past the end of the file; truncated")
+    with open(path, "rb") as f:
+        pkl = read_record(path, f, infos[pkl_name], MAX_PICKLE_BYTES)
+    prefix = pkl_name[: -len("data.pkl")]
+    mmap_ok = True
+    storages: set[str] = set()
+    inflated = compressed = 0
+    for key, cls, numel in declared_storages(path, pkl):
+        name = f"{prefix}data/{key}"
+        rec = infos.get(name)
+        if rec is None:
+            raise ConvertError(f"{path}: data.pkl refers to storage {key!r}, which the archive does not contain")
+        if cls not in STORAGE_ITEMSIZE:
+            raise ConvertError(f"{path}: storage {key!r} has unsupported type {cls}")
+        want = numel * STORAGE_ITEMSIZE[cls]
+        if rec.file_size != want:
+            raise ConvertError(f"{path}: storage {key!r} declares {want} bytes but its zip record holds {rec.file_size}; the file is forged or damaged")
+        if rec.compress_type == zipfile.ZIP_STORED and rec.compress_size != rec.file_size:
+            raise ConvertError(f"{path}: storage {key!r} is stored with {rec.compress_size} bytes but declares {rec.file_size}; the file is forged or damaged")
+        if rec.compress_type != zipfile.ZIP_STORED:
+            mmap_ok = False
+            if name not in storages:
+                inflated += rec.file_size
+                compressed += rec.compress_size
+        storages.add(name)
+    if inflated > max(INFLATE_ALLOWANCE, MAX_INFLATE_RATIO * compressed):
+        raise ConvertError(f"{path}: its compressed storages inflate to {_mib(inflated)} from {_mib(compressed)}, over "
+                           f"{MAX_INFLATE_RATIO}x beyond the {_mib(INFLATE_ALLOWANCE)} allowance; weights barely compress, "
+                           "so this is a zip bomb; refused before inflating anything")
+    for i in infos.values():
+        if i.filename not in storages and i.filename != pkl_name and i.compress_type != zipfile.ZIP_STORED \
+                and i.file_size > MAX_PICKLE_BYTES:
+            raise ConvertError(f"{path}: zip record {i.filename} declares {_mib(i.file_size)} compressed, over the "
+                               f"{_mib(MAX_PICKLE_BYTES)} limit for records inflated into memory; refused before reading it")
+    return mmap_ok
+
+
+def load_pickle(path: str, mmap: bool):
+    """torch.load with weights_only, whatever the environment says."""
+    try:
+        # weights_only is passed explicitly so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
+        if "Unsupported global" in str(e) or "Weights only load failed" in str(e):
+            raise ConvertError(
+                f"{path}: refused: the pickle asks for code or objects a weights-only load does not allow "
+                f"({_unsupported_global(str(e)) or first}); this is not a plain checkpoint and was not run"
+            ) from None
+        raise ConvertError(f"{path}: cannot unpickle checkpoint: {first}") from None
+    except Exception as e:  # noqa: BLE001 - whatever torch.load raises, the file is unusable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(f"{path}: damaged checkpoint: {first}") from None
+
+
+def _unsupported_global(msg: str) -> str | None:
+    for line in msg.splitlines():
+        if "Unsupported global" in line:
+            return line.strip().rstrip(".")
+    return None
+
+
+# ------------------------------------------------------------------ page population
+
+# madvise advice that maps a range's pages in one call: Linux 5.14+ only.  None turns
+# population off (every other platform; the portable-path tests set it so on Linux).
+MADV_POPULATE_READ: int | None = 22 if sys.platform.startswith("linux") else None
+_madvise = None  # libc's madvise once looked up; False where unusable
+
+
+def populate(t: torch.Tensor) -> None:
+    """Map a memory-mapped tensor's pages in one call (MADV_POPULATE_READ) instead of
+    one page fault per 4 KiB on first touch; page faults are costly in VMs and made
+    transposed reads of mmap-backed tensors several times slower.  The pages stay
+    file-backed (page cache), so no anonymous memory is used.  A no-op where the
+    platform or kernel does not support it."""
+    global _madvise
+    if _madvise is False or MADV_POPULATE_READ is None:
+        return
+    if _madvise is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _madvise = libc.madvise
+        except Exception:  # noqa: BLE001 - no ctypes, no libc, no madvise: just skip
+            _madvise = False
+            return
+    st = t.untyped_storage()
+    ptr, n = st.data_ptr(), st.nbytes()
+    if n:
+        base = ptr & ~4095
+        if _madvise(base, ptr + n - base, MADV_POPULATE_READ) != 0:
+            import ctypes
+
+            if ctypes.get_errno() == 22:  # EINVAL: kernel without MADV_POPULATE_READ
+                _madvise = False
