@@ -12,7 +12,7 @@ import gc
 import importlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -99,6 +99,7 @@ class Prepared:
     config: dict
     meta: dict  # the __metadata__, structured: JSON values stay objects until metadata() serialises them
     files: dict[str, str]  # "" for the main source, else the extra source's prefix
+    stats: dict[str, tuple] = field(default_factory=dict)  # each input file's (size, mtime_ns, inode) when opened
 
     @property
     def source(self) -> dict:
@@ -127,11 +128,15 @@ def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "kee
     config = mod.runtime_config(raw, cfg_file, **(options or {}))
     main = opened or open_source(src_file)
     src = main
+    stats = {}
     try:
         _refuse_other_model(kind, main)
         extra_files = input_files(mod, src_file, extra)
         src = combine(main, extra_files)
-        return _plan(kind, mod, src, src_file, extra_files, config, dtype, hash_source)
+        stats = {f: file_stat(f) for f in (src_file, *extra_files.values())}
+        p = _plan(kind, mod, src, src_file, extra_files, config, dtype, hash_source)
+        p.stats = stats
+        return p
     except BaseException:
         if opened is None:
             src.close()  # nothing of a refused source stays open (a combined source closes its parts)
@@ -174,6 +179,25 @@ def _plan(kind, mod, src: Source, src_file: str, extra_files: dict[str, str], co
     if errs:
         raise ConvertError(f"{src_file}: the converted tensors would not match the schema:\n  " + "\n  ".join(errs[:20]))
     return p
+
+
+def file_stat(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def unchanged_sources(p: Prepared) -> None:
+    """Refuse (before the output takes its name) if a source changed while it was read:
+    a download finishing or an rsync would otherwise leave metadata claiming the hash of
+    other bytes, and the next ``all`` would call the output up to date."""
+    for f, before in p.stats.items():
+        try:
+            now = file_stat(f)
+        except OSError as e:
+            raise ConvertError(f"{f}: disappeared while it was being converted ({e.strerror}); nothing was written") from None
+        if now != before:
+            raise ConvertError(f"{f}: changed while it was being converted (size, modification time or inode differ); "
+                               "the output was discarded: convert again once the file is complete")
 
 
 def _file_info(path: str) -> dict:
@@ -285,9 +309,10 @@ def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool, hash_o
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        check = lambda: unchanged_sources(p)  # noqa: E731
         if hash_output:
-            return stio.write_stream(out_path, outs, final_meta(), bar.update, hash_output=True)
-        stio.write_stream(out_path, outs, p.metadata(), bar.update, final_meta)
+            return stio.write_stream(out_path, outs, final_meta(), bar.update, hash_output=True, before_commit=check)
+        stio.write_stream(out_path, outs, p.metadata(), bar.update, final_meta, before_commit=check)
         return None
     except OSError as e:
         raise ConvertError(f"{out_path}: write failed: {e.strerror or e}; nothing was written there") from None

@@ -59,6 +59,7 @@ def write_stream(
     on_bytes: Callable[[int], None] = lambda n: None,
     finalize_metadata: Callable[[], dict[str, str]] | None = None,
     hash_output: bool = False,
+    before_commit: Callable[[], None] | None = None,
 ) -> str | None:
     """Write a safetensors file tensor by tensor, atomically.
 
@@ -71,7 +72,9 @@ def write_stream(
     return metadata whose encoded header has exactly the same length (used to fill in
     a source hash computed while converting); the header is then rewritten in place.
     With ``hash_output`` (metadata final from the start) the file's sha256 is computed
-    from the staged bytes and returned.
+    from the staged bytes and returned.  ``before_commit``, if given, runs once
+    everything is written and before the file takes its name; raising there discards
+    the output (an earlier file at ``path`` stays).
     """
     import hashlib
 
@@ -100,5 +103,7 @@ def write_stream(
                 staging.write_at(out.fd, memoryview(final), 0)
         finally:
             stage.close()
+        if before_commit is not None:
+            before_commit()
         out.commit()
     return hasher.hexdigest() if hasher is not None else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -280,3 +281,29 @@ def test_sources_close_idempotently_and_as_context_managers(tmp_path, good):
     both.close()
     with pytest.raises(ConvertError, match="after the source was closed"):
         both.get("st/" + name)
+
+
+@pytest.mark.parametrize("hash_output", [False, True], ids=["per-model", "all"])
+def test_source_changed_during_the_run_discards_the_output(tmp_path, monkeypatch, hash_output):
+    """A source whose size, mtime or inode moves while it is converted (a download
+    finishing, an rsync) gives no output: its recorded hash could be of other bytes."""
+    from converters import engine, ops
+    from converters.errors import ConvertError
+
+    src = tmp_path / "bigvgan"
+    shutil.copytree(os.path.join(ROOT, "demo", "release", "bigvgan"), src)
+    out = tmp_path / "bigvgan.safetensors"
+    out.write_bytes(b"earlier output")
+    real, calls = ops.apply, []
+
+    def apply(op, xs):
+        if not calls:
+            os.utime(src / "bigvgan_generator.pt", ns=(1, 1))  # the file changes mid-run
+        calls.append(op)
+        return real(op, xs)
+
+    monkeypatch.setattr(engine.ops, "apply", apply)
+    with pytest.raises(ConvertError, match="changed while it was being converted.*the output was discarded"):
+        engine.convert("bigvgan", str(src), str(out), quiet=True, force=True, hash_output=hash_output)
+    assert out.read_bytes() == b"earlier output" and calls
+    assert sorted(os.listdir(tmp_path)) == ["bigvgan", "bigvgan.safetensors"]
