@@ -30,8 +30,10 @@ check: $(VENV)/.runtime
 golden: $(VENV)/.runtime
 	$(PY) convert.py golden $(OUT)
 
+# Two pytest workers (pytest-xdist): the suite is CPU-bound and the build machines have 2 cores.
+TEST_WORKERS ?= 2
 test: $(VENV)/.dev
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 # Full-size synthetic inputs (~7 GB, generated once into BENCH_CACHE) and the
 # measurements of issue 8; results in bench-results/.  Not a test: CI does not run it.
