@@ -154,7 +154,7 @@ def _plan(kind, mod, src: Source, src_file: str, extra_files: dict[str, str], co
     target = DTYPE_CHOICES[dtype]
     drops = mod.drops(config) if hasattr(mod, "drops") else mod.DROPS
     plan = resolve(src, rows, loops, drops, config, target)
-    floats = sorted({stio.st_dtype(e.dtype) for e in plan.entries if e.dtype.is_floating_point})
+    floats = apply_dtype_policy(kind, plan, config)
     if len(floats) > 1:
         raise ConvertError(f"{src_file}: source mixes float dtypes {floats}; pass --dtype to choose one")
     if hash_source:
@@ -179,6 +179,25 @@ def _plan(kind, mod, src: Source, src_file: str, extra_files: dict[str, str], co
     if errs:
         raise ConvertError(f"{src_file}: the converted tensors would not match the schema:\n  " + "\n  ".join(errs[:20]))
     return p
+
+
+def apply_dtype_policy(kind: str, plan: Plan, config: dict) -> list[str]:
+    """The schema's dtype classes on the planned tensors: 'float32'-class tensors (norm
+    affines, running statistics, positional and frequency tables, snake parameters, the
+    w2v-bert statistics) become F32 (F64 in a float64 file) whatever the source or
+    ``--dtype`` gave them; the rest keep the file's float dtype.  Returns the float
+    dtypes of the 'float'-class tensors (one, or the source mixes them)."""
+    try:
+        classes = schema.dtype_classes(kind, config)
+    except Exception:  # noqa: BLE001 - a config that does not fit the schema is reported by schema.check
+        classes = {}
+    policy = {e.name for e in plan.entries if classes.get(e.name) == "float32"}
+    floats = sorted({stio.st_dtype(e.dtype) for e in plan.entries if e.dtype.is_floating_point and e.name not in policy})
+    full = torch.float64 if floats == ["F64"] else torch.float32
+    for e in plan.entries:
+        if e.name in policy:
+            e.dtype = full
+    return floats
 
 
 def file_stat(path: str) -> tuple:

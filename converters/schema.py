@@ -206,6 +206,17 @@ _TYPES = {
 }
 
 
+def full_precision(file_dtype: str) -> str:
+    """The dtype of a 'float32'-class tensor in a file whose float dtype is ``file_dtype``:
+    F32, or F64 in a float64 file (the class never lowers precision)."""
+    return "F64" if file_dtype == "F64" else "F32"
+
+
+def dtype_classes(kind: str, config: dict) -> dict[str, str]:
+    """Each expected tensor's dtype class (``float``, ``float32`` or a fixed dtype)."""
+    return {name: e["dtype"] for name, e in expected_tensors(kind, config).items()}
+
+
 def expected_tensors(kind: str, config: dict) -> dict[str, dict]:
     """name -> {"shape": [...], "dtype": class, "env": loop values} for this config."""
     spec = model_spec(kind)
@@ -289,6 +300,11 @@ def check(kind: str, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: 
         if want_dt == "float":
             if dtype != file_dtype:
                 errs.append(f"{where}: tensor {name!r} is {dtype}, the file's float dtype is {file_dtype}")
+        elif want_dt == "float32":
+            want = full_precision(file_dtype)
+            if dtype != want:
+                errs.append(f"{where}: tensor {name!r} is {dtype}; its dtype class float32 keeps it {want} in a "
+                            f"{file_dtype} file (the dtype policy)")
         elif dtype != want_dt:
             errs.append(f"{where}: tensor {name!r} is {dtype}, schema says {want_dt}")
         errs.extend(_check_shape(where, name, exp, shape, {**env0, **exp["env"]}, free))

@@ -115,3 +115,23 @@ def swap_rows(monkeypatch, kind: str, *pairs: tuple[str, str]) -> None:
         return [dataclasses.replace(r, canonical=swap[r.canonical]) if r.canonical in swap else r for r in rows], loops
 
     monkeypatch.setattr(mod, "table", table)
+
+
+def assert_dtype_policy(path, file_dtype: str) -> None:
+    """Every tensor has the dtype its schema class gives it in a ``file_dtype`` file:
+    'float' tensors the file's dtype, 'float32' tensors F32 (F64 in a float64 file);
+    and the file has tensors of both kinds where the model has 'float32'-class ones."""
+    from converters import schema
+    from reference.header import read_header
+
+    h = read_header(str(path))
+    assert h.metadata["dtype"] == file_dtype
+    classes = schema.dtype_classes(h.metadata["model"], json.loads(h.metadata["config"]))
+    seen = set()
+    for name, info in h.tensors.items():
+        cls = classes[name]
+        want = file_dtype if cls == "float" else schema.full_precision(file_dtype) if cls == "float32" else cls
+        assert info.dtype == want, f"{name}: {info.dtype}, class {cls} in a {file_dtype} file wants {want}"
+        seen.add(cls)
+    assert "float" in seen
+    assert schema.check_file(str(path))[1] == []
