@@ -22,15 +22,6 @@ SNAKE = {**up.TINY, "activation": "snake", "snake_logscale": False, "use_tanh_at
 CONFIGS = {"tiny": up.TINY, "snake": SNAKE}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions run far faster on one thread than on a contended pool."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def upstream_from(folder: str):
     """What infer_v2 runs: from_pretrained on the release folder, weight norm removed, eval
     (``converters.forward.bigvgan_model``, what ``verify --forward`` runs)."""

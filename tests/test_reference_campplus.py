@@ -18,15 +18,6 @@ from tests.upstream import campplus as up
 DEMO = os.path.join(ROOT, "demo", "release", "campplus")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions run far faster on one thread than on a contended pool."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def upstream_from(folder: str):
     """infer_v2's loading: CAMPPlus(**args) (IndexTTS-2's, or campplus.json's), the pickled
     state dict loaded strictly, eval mode (``converters.forward.campplus_model``, what

@@ -20,15 +20,6 @@ T = 13
 pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two (and than contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def upstream_codec(model_file, config_yaml):
     """infer_v2.py's codec: RepCodec from the config.yaml section, then load_model on the
     file (``converters.forward.semantic_codec_model``, what ``verify --forward`` runs)."""

@@ -20,15 +20,6 @@ from tests.upstream import w2v_bert as up
 K = 17  # IndexTTS-2 reads hidden_states[17]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two (and than contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def upstream_get_emb():
     """``IndexTTS2.get_emb`` compiled from upstream's infer_v2.py source (importing the
     module would pull in the whole inference stack: librosa, torchaudio, ...)."""

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from converters.cli import main
@@ -19,15 +18,6 @@ from reference.entry import MODULES, entries
 from tests.helpers import ROOT, assert_refused, convert_in_process, run_cli, swap_rows
 
 DEMO = os.path.join(ROOT, "demo", "release")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two (and than contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
