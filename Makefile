@@ -7,6 +7,7 @@ PIP    := $(VENV)/bin/pip --disable-pip-version-check
 SRC    ?= demo/release
 OUT    ?= canonical
 INDEXTTS2_INFERENCE := indextts2-inference==2.1.1
+INDEXTTS25_INFERENCE := indextts25-inference==0.2.0
 
 .PHONY: convert test check golden bench demo clean
 
@@ -17,7 +18,7 @@ $(VENV)/.runtime: requirements.txt
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PIP) install -q -r requirements-dev.txt
-	$(PIP) install -q --no-deps $(INDEXTTS2_INFERENCE)
+	$(PIP) install -q --no-deps $(INDEXTTS2_INFERENCE) $(INDEXTTS25_INFERENCE)
 	touch $@
 
 convert: $(VENV)/.runtime
@@ -41,9 +42,10 @@ BENCH_CACHE ?= bench-cache
 bench: $(VENV)/.dev
 	$(PY) -m bench.run --cache $(BENCH_CACHE) --results bench-results
 
-# Regenerate the committed demo release from the upstream classes.
+# Regenerate the committed demo releases (IndexTTS-2.0 and 2.5) from the upstream classes.
 demo: $(VENV)/.dev
 	$(PY) scripts/make_demo.py demo/release
+	$(PY) scripts/make_demo_2_5.py demo/release-2.5
 
 clean:
 	rm -rf $(OUT)

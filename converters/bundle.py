@@ -1,7 +1,10 @@
 """Release files a runtime needs that are not converted: copied into the bundle as they are.
 
 - ``tokenizer``: the text tokenizer, ``config.yaml`` ``dataset.bpe_model`` (``bpe.model``,
-  SentencePiece BPE; infer_v2 ``_load_text``)
+  SentencePiece BPE; infer_v2 ``_load_text``).  IndexTTS-2.5's is
+  ``multilingual_zh_ja_yue_char_del.tiktoken``, a name no config key gives: upstream's
+  ``get_tokenizer(multilingual=True, model_dir=...)`` hard-codes it (the 2.5 config still
+  says ``dataset.bpe_model: bpe.model``, which infer_v2_5 never reads)
 - ``emotion_classifier``: the Qwen text-to-emotion model, ``config.yaml`` ``qwen_emo_path``
   (``qwen0.6bemo4-merge/``, already Hugging Face safetensors; infer_v2 ``QwenEmotion``),
   copied folder and all
@@ -26,6 +29,7 @@ class Copied:
     role: str
     config_key: tuple[str, ...]  # where config.yaml names it (relative to the release folder)
     description: str
+    fixed: str | None = None  # a name upstream hard-codes instead (no config key)
 
 
 COPIED = [
@@ -33,6 +37,16 @@ COPIED = [
     Copied("emotion_classifier", ("qwen_emo_path",),
            "Qwen text-to-emotion classifier (Hugging Face transformers folder, safetensors); copied unconverted"),
 ]
+COPIED_2_5 = [
+    Copied("tokenizer", (), "text tokenizer (tiktoken BPE ranks, upstream get_tokenizer(multilingual=True)); ids as the "
+           "GPT's text tokens, special tokens as manifest pipeline.tokens.tokenizer says",
+           fixed="multilingual_zh_ja_yue_char_del.tiktoken"),
+    COPIED[1],
+]
+
+
+def copied(version: str = "2.0") -> list[Copied]:
+    return COPIED_2_5 if version == "2.5" else COPIED
 
 
 def named(doc: dict, key: tuple[str, ...]):
@@ -44,12 +58,15 @@ def named(doc: dict, key: tuple[str, ...]):
     return node if isinstance(node, str) and node.strip() else None
 
 
-def find(release_dir: str, doc: dict) -> tuple[dict[str, tuple[str, list[str]]], dict[str, str]]:
+def find(release_dir: str, doc: dict, version: str = "2.0") -> tuple[dict[str, tuple[str, list[str]]], dict[str, str]]:
     """({role: (relative name, [relative file paths])}, {role: why absent})."""
     found, absent = {}, {}
-    for c in COPIED:
-        rel = named(doc, c.config_key)
-        key = ".".join(c.config_key)
+    for c in copied(version):
+        rel = c.fixed or named(doc, c.config_key)
+        key = ".".join(c.config_key) if not c.fixed else "upstream's get_tokenizer"
+        if c.fixed and not os.path.isfile(os.path.join(release_dir, rel)):
+            absent[c.role] = f"{rel} (the name {key} reads) is not in the release folder"
+            continue
         if rel is None:
             absent[c.role] = f"config.yaml has no {key}"
             continue

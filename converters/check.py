@@ -35,7 +35,7 @@ def check_paths(paths, full_hash: bool = False, pin: str | None = None, echo=_ou
     golden files).  Prints ``ok ...`` per good file and ``error: ...`` per problem;
     returns the exit code (0 only if everything passed).  A path that does not exist,
     or a bad ``pin``, raises :class:`ConvertError`."""
-    from . import golden, schema
+    from . import family, golden, schema
 
     if pin is not None:
         schema.check_pin(pin)
@@ -69,7 +69,7 @@ def check_paths(paths, full_hash: bool = False, pin: str | None = None, echo=_ou
             ok = f"ok {f} (golden activations for {os.path.basename(f)})"
         else:
             kind, errs = schema.check_file(f, pin)
-            ok = f"ok {f} ({kind}, schema v{md.get('schema_version')})"
+            ok = f"ok {f} ({kind}, schema v{md.get('schema_version')}): {family.label(family.file_version(md))}"
         if errs:
             bad += 1
             for e in errs:

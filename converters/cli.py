@@ -207,7 +207,10 @@ def verify_cmd(src, out_file, stats, failures_only, forward, config):
         from .forward import import_upstream
         from .verify import canonical_kind
 
-        import_upstream(canonical_kind(out_file)[0])
+        from .family import file_version
+
+        kind, header = canonical_kind(out_file)
+        import_upstream(kind, file_version(header.metadata))
 
     def show(r):
         if not failures_only or not r.ok:
@@ -317,6 +320,9 @@ def inspect_cmd(path, config):
                 click.echo(f"  {n} {list(src.shapes[n])} {str(src.dtypes[n]).replace('torch.', '')}")
             raise ConvertError(f"cannot convert as {kind}: {e}") from None
         try:
+            from .family import label
+
+            click.echo(f"  release: {label(p.family_version)} (from {p.family_why})")
             click.echo(f"  becomes {len(p.plan.entries)} canonical tensors; {len(p.plan.dropped)} source entries dropped")
             for e in sorted(p.plan.entries, key=lambda e: e.name):
                 click.echo(f"  {', '.join(e.sources) or '(regenerated)'} --{e.op}--> {e.name} {list(e.shape)}")
@@ -331,7 +337,10 @@ def inspect_cmd(path, config):
 def _inspect_canonical(path, header):
     md = header.metadata
     prov = json.loads(md.get("provenance", "{}"))
-    click.echo(f"{path}: canonical {md.get('model')} file, schema v{md.get('schema_version')}, dtype {md.get('dtype')}, converter {md.get('converter_version')}")
+    from .family import file_version, label
+
+    click.echo(f"{path}: canonical {md.get('model')} file, {label(file_version(md))}, schema v{md.get('schema_version')}, "
+               f"dtype {md.get('dtype')}, converter {md.get('converter_version')}")
     click.echo(f"  source: {md.get('source')}")
     click.echo(f"  config: {md.get('config')}")
     for n, info in sorted(header.tensors.items()):

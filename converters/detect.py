@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # model kind -> name prefixes that must all occur
 SIGNATURES: dict[str, tuple[str, ...]] = {
-    "gpt": ("gpt.h.0.", "conditioning_encoder.", "mel_embedding."),
+    "gpt": ("gpt.h.0.", "mel_embedding."),  # IndexTTS-2.0 and 2.5 (family.gpt_version tells them apart)
     "s2mel": ("cfm.estimator.", "length_regulator."),
     "w2v-bert": ("feature_projection.", "encoder.layers.0."),
     "bigvgan": ("conv_pre.", "ups.0.", "resblocks.0."),

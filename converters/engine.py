@@ -20,20 +20,23 @@ from . import ops, schema
 from . import safetensors_io as stio
 from .errors import ConvertError
 from .hashing import SERVICE as HASHES
-from .registry import CONVERTER_VERSION, MODELS, locate
+from . import family
+from .registry import CONVERTER_VERSION, MODELS, locate, module_name
 from .sources import CombinedSource, Source, open_source
 from .table import Plan, resolve
 
 DTYPE_CHOICES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def model_module(kind: str):
+def model_module(kind: str, family_version: str = family.DEFAULT):
+    """The converter module of ``kind`` for a release of ``family_version``."""
     if kind not in MODELS:
         raise ConvertError(f"unknown model {kind!r}; known: {', '.join(MODELS)}")
+    name = module_name(kind, family_version)
     try:
-        return importlib.import_module(MODELS[kind])
+        return importlib.import_module(name)
     except ModuleNotFoundError as e:
-        if e.name != MODELS[kind]:
+        if e.name != name:
             raise
         raise ConvertError(f"the {kind} converter does not exist yet") from None
 
@@ -100,6 +103,8 @@ class Prepared:
     meta: dict  # the __metadata__, structured: JSON values stay objects until metadata() serialises them
     files: dict[str, str]  # "" for the main source, else the extra source's prefix
     stats: dict[str, tuple] = field(default_factory=dict)  # each input file's (size, mtime_ns, inode) when opened
+    family_version: str = family.DEFAULT
+    family_why: str = ""  # what the version was told from
 
     @property
     def source(self) -> dict:
@@ -112,30 +117,52 @@ class Prepared:
         return {k: v if isinstance(v, str) else _dumps(v) for k, v in self.meta.items()}
 
 
+def source_version(kind: str, src: Source, src_file: str, expected: str | None = None) -> tuple[str, str]:
+    """(family version, why) of a checkpoint: its tensors tell gpt and semantic-codec
+    apart, the release folder around it the rest (:mod:`family`).  ``expected``: the
+    version of the release ``all`` converts; a gpt or codec whose tensors say another
+    is refused, and the other models take it."""
+    if expected is not None and kind not in family.VERSIONED_KINDS:
+        return expected, "the release it was converted with"
+    try:
+        v, why = family.detect(kind, src.names(), src_file)
+    except family.Unsupported as e:
+        raise ConvertError(f"{src.path}: {e}") from None
+    if expected is not None and v != expected:
+        raise ConvertError(f"{src.path}: is an {family.label(v)} {kind} checkpoint ({why}), but the release is "
+                           f"{family.label(expected)}; the files do not belong to one release")
+    return v, why
+
+
 def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "keep", hash_source: bool = True,
             extra: dict[str, str] | None = None, options: dict[str, str] | None = None,
-            located: tuple[str, str | None] | None = None, opened: Source | None = None) -> Prepared:
-    """Open the sources, plan every output tensor and check the plan against the
-    schema; with ``hash_source``, the sources' sha256 are asked for (they may already
-    be running: the CLI asks before importing torch).  ``located`` is the
-    (checkpoint, config) pair :func:`registry.locate` already found, if the caller did;
-    ``opened``, the checkpoint already opened (``inspect``), which the caller closes."""
-    mod = model_module(kind)
+            located: tuple[str, str | None] | None = None, opened: Source | None = None,
+            family_version: str | None = None) -> Prepared:
+    """Open the sources, tell the release version, plan every output tensor and check
+    the plan against the schema; with ``hash_source``, the sources' sha256 are asked for
+    (they may already be running: the CLI asks before importing torch).  ``located`` is
+    the (checkpoint, config) pair :func:`registry.locate` already found, if the caller
+    did; ``opened``, the checkpoint already opened (``inspect``), which the caller
+    closes; ``family_version``, the version of the release ``all`` converts."""
+    model_module(kind)
     src_file, cfg_file = located or locate(kind, src_path, config_path)
-    raw = mod.load_config(cfg_file)
-    # Options that change the canonical form (registry.CHOICES) go to runtime_config,
-    # which records them in the metadata config.
-    config = mod.runtime_config(raw, cfg_file, **(options or {}))
     main = opened or open_source(src_file)
     src = main
     stats = {}
     try:
         _refuse_other_model(kind, main)
+        fv, why = source_version(kind, main, src_file, family_version)
+        mod = model_module(kind, fv)
+        raw = mod.load_config(cfg_file)
+        # Options that change the canonical form (registry.CHOICES) go to runtime_config,
+        # which records them in the metadata config.
+        config = mod.runtime_config(raw, cfg_file, **(options or {}))
         extra_files = input_files(mod, src_file, extra)
         src = combine(main, extra_files)
         stats = {f: file_stat(f) for f in (src_file, *extra_files.values())}
-        p = _plan(kind, mod, src, src_file, extra_files, config, dtype, hash_source)
+        p = _plan(kind, mod, src, src_file, extra_files, config, dtype, hash_source, fv)
         p.stats = stats
+        p.family_why = why
         return p
     except BaseException:
         if opened is None:
@@ -148,13 +175,13 @@ def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "kee
 
 
 def _plan(kind, mod, src: Source, src_file: str, extra_files: dict[str, str], config: dict, dtype: str,
-          hash_source: bool) -> Prepared:
+          hash_source: bool, fv: str = family.DEFAULT) -> Prepared:
     files = {"": src_file, **extra_files}
     rows, loops = mod.table(config)
     target = DTYPE_CHOICES[dtype]
     drops = mod.drops(config) if hasattr(mod, "drops") else mod.DROPS
     plan = resolve(src, rows, loops, drops, config, target)
-    floats = apply_dtype_policy(kind, plan, config)
+    floats = apply_dtype_policy(kind, plan, config, fv)
     if len(floats) > 1:
         raise ConvertError(f"{src_file}: source mixes float dtypes {floats}; pass --dtype to choose one")
     if hash_source:
@@ -172,8 +199,10 @@ def _plan(kind, mod, src: Source, src_file: str, extra_files: dict[str, str], co
         "provenance": plan.provenance(),
         "dropped": plan.dropped,
         "dtype": floats[0] if floats else "F32",
+        "family": family.FAMILY,
+        "family_version": fv,
     }
-    p = Prepared(kind, src, src_file, plan, config, meta, files)
+    p = Prepared(kind, src, src_file, plan, config, meta, files, family_version=fv)
     tensors = {e.name: (stio.st_dtype(e.dtype, e.name), e.shape) for e in plan.entries}
     errs = schema.check(kind, tensors, p.metadata(), src_file)  # the header as it will be written
     if errs:
@@ -181,14 +210,14 @@ def _plan(kind, mod, src: Source, src_file: str, extra_files: dict[str, str], co
     return p
 
 
-def apply_dtype_policy(kind: str, plan: Plan, config: dict) -> list[str]:
+def apply_dtype_policy(kind: str, plan: Plan, config: dict, fv: str = family.DEFAULT) -> list[str]:
     """The schema's dtype classes on the planned tensors: 'float32'-class tensors (norm
     affines, running statistics, positional and frequency tables, snake parameters, the
     w2v-bert statistics) become F32 (F64 in a float64 file) whatever the source or
     ``--dtype`` gave them; the rest keep the file's float dtype.  Returns the float
     dtypes of the 'float'-class tensors (one, or the source mixes them)."""
     try:
-        classes = schema.dtype_classes(kind, config)
+        classes = schema.dtype_classes(kind, config, fv)
     except Exception:  # noqa: BLE001 - a config that does not fit the schema is reported by schema.check
         classes = {}
     policy = {e.name for e in plan.entries if classes.get(e.name) == "float32"}
@@ -253,14 +282,17 @@ def no_gc():
 def convert(kind: str, src_path: str, out_path: str, config_path: str | None = None, dtype: str = "keep",
             force: bool = False, quiet: bool = False, allow_nonfinite: bool = False,
             extra: dict[str, str] | None = None, options: dict[str, str] | None = None,
-            hash_output: bool = False, located: tuple[str, str | None] | None = None) -> tuple[Prepared, str | None]:
+            hash_output: bool = False, located: tuple[str, str | None] | None = None,
+            family_version: str | None = None) -> tuple[Prepared, str | None]:
     """Convert one model.  Returns the plan and, with ``hash_output``, the output's
     sha256 (computed while writing: the header then waits for the source hashes).
-    ``located``: the (checkpoint, config) the caller already found with ``locate``."""
+    ``located``: the (checkpoint, config) the caller already found with ``locate``;
+    ``family_version``: the release version (``all``), else told from the source."""
     located = located or locate(kind, src_path, config_path)  # once per model
     check_output_path(out_path, located[0], force)
     with no_gc():
-        p = prepare(kind, src_path, config_path, dtype, extra=extra, options=options, located=located)
+        p = prepare(kind, src_path, config_path, dtype, extra=extra, options=options, located=located,
+                    family_version=family_version)
         for f in p.files.values():
             if os.path.exists(out_path) and os.path.samefile(out_path, f):
                 raise ConvertError(f"{out_path}: is an input file (or a link to it); refusing to write over a source")

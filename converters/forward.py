@@ -50,9 +50,9 @@ from dataclasses import dataclass
 from .errors import ConvertError
 
 # Upstream package of each top-level module name an import may miss.
-PACKAGES = {"indextts": "indextts2-inference", "yaml": "PyYAML"}
+PACKAGES = {"indextts": "indextts2-inference", "indextts25": "indextts25-inference", "yaml": "PyYAML"}
 INSTALL = ("install the test dependencies: pip install -r requirements-dev.txt and "
-           "pip install --no-deps indextts2-inference==2.1.1 (make test does both)")
+           "pip install --no-deps indextts2-inference==2.1.1 indextts25-inference==0.2.0 (make test does both)")
 
 FP32_RTOL = 1e-4
 HALF_EPS_FACTOR = 8  # measured (demo in float16 and bfloat16, full-size CAMPPlus): at most 2.8 eps
@@ -64,8 +64,9 @@ class UpstreamMissing(ConvertError):
 
 def _missing(what: str, e: ImportError) -> UpstreamMissing:
     name = (e.name or "").split(".")[0]
-    if name == "indextts" and e.name != name and "indextts" in sys.modules:
-        head = f"the installed indextts2-inference has no module {e.name} (the version tested is 2.1.1)"
+    if name in ("indextts", "indextts25") and e.name != name and name in sys.modules:
+        pkg, tested = ("indextts2-inference", "2.1.1") if name == "indextts" else ("indextts25-inference", "0.2.0")
+        head = f"the installed {pkg} has no module {e.name} (the version tested is {tested})"
     elif name:
         pkg = PACKAGES.get(name, name)
         head = f"package {pkg} is missing" + (f" (module {e.name})" if e.name != name else "")
@@ -82,22 +83,31 @@ def _importing(what: str):
         raise _missing(what, e) from None
 
 
-def indextts(module: str):
+def indextts(module: str, package: str = "indextts"):
     """Import ``indextts.<module>`` without running ``indextts/__init__.py`` (which
     imports the whole inference stack): an empty package object with the installed
-    folder as its path stands in for it."""
-    with _importing(f"indextts.{module}"):
-        if "indextts" not in sys.modules:
+    folder as its path stands in for it.  ``package="indextts25"``: the same for
+    IndexTTS-2.5's ``indextts25-inference`` (its ``__init__`` imports the inference API)."""
+    with _importing(f"{package}.{module}"):
+        if package not in sys.modules:
             try:
-                spec = importlib.util.find_spec("indextts")
+                spec = importlib.util.find_spec(package)
             except ImportError:
                 spec = None
             if spec is None or not spec.submodule_search_locations:
-                raise ModuleNotFoundError("No module named 'indextts'", name="indextts")
-            pkg = types.ModuleType("indextts")
+                raise ModuleNotFoundError(f"No module named {package!r}", name=package)
+            pkg = types.ModuleType(package)
             pkg.__path__ = list(spec.submodule_search_locations)
-            sys.modules["indextts"] = pkg
-        return importlib.import_module(f"indextts.{module}")
+            sys.modules[package] = pkg
+        return importlib.import_module(f"{package}.{module}")
+
+
+def indextts25(module: str):
+    """``indextts25.<module>`` (the PyPI package indextts25-inference, IndexTTS-2.5's
+    trimmed model code: its GPT has no text_head, its codec only the decoding half),
+    without its ``__init__``.  Its GPT module imports tiktoken (the tokenizer module
+    holds the language table)."""
+    return indextts(module, "indextts25")
 
 
 def _need(module: str, what: str):
@@ -229,6 +239,69 @@ def gpt_run(m, name: str, x: dict, config=None) -> dict:
     finally:
         hook.remove()
     raise ConvertError(f"gpt: no upstream call for reference entry {name!r}")
+
+
+# ------------------------------------------------------------------ gpt, IndexTTS-2.5
+
+
+def gpt_2_5_model(path: str, cfg):
+    """infer_v2_5: ``UnifiedVoice(**cfg.gpt, spk_cond_mode="campplus")`` and
+    ``load_checkpoint``; here indextts25-inference's ``UnifiedVoice(**cfg.gpt)`` and its
+    ``utils.checkpoint.load_checkpoint`` (which ignores ``text_head``, a key its GPT does
+    not have, and refuses a missing key), then ``post_init_gpt2_config()`` (the
+    ``GPT2InferenceModel`` that ``generate`` runs).  A safetensors dump is loaded the
+    same way (non-strict for the unexpected, missing keys refused)."""
+    import torch
+
+    mv = indextts25("gpt.model_v2")
+    ckpt = indextts25("utils.checkpoint")
+    with _quiet():
+        m = mv.UnifiedVoice(**cfg)
+    if _is_safetensors(path):
+        missing = m.load_state_dict(_safetensors_state(path), strict=False).missing_keys
+        if missing:
+            raise ConvertError(f"{path}: missing {len(missing)} keys upstream needs, e.g. {missing[:5]}")
+    else:
+        ckpt.load_checkpoint(m, str(path))
+    m = m.eval().to(torch.float32)
+    with _quiet():
+        m.post_init_gpt2_config()
+    return m
+
+
+def gpt_2_5_run(m, name: str, x: dict, config=None) -> dict:
+    import torch
+
+    with torch.no_grad():
+        if name == "conditioning":
+            return {"latents": m.spk_emb_proj(x["style"]).unsqueeze(1)}
+        if name in ("emovec", "merge_emovec"):
+            return gpt_run(m, name, x, config)
+        if name == "forward_latents":
+            stop_t, start_m, stop_m = m.stop_text_token, m.start_mel_token, m.stop_mel_token
+            cond = x["cond_latents"] + x["emo_vec"].unsqueeze(1)
+            conds = torch.cat([cond, cond.new_zeros(cond.shape[0], 2, cond.shape[2])], 1)  # inference_speech
+            pos = torch.arange(x["text"].shape[1])
+            text = torch.where(pos < x["text_lengths"].unsqueeze(1), x["text"], torch.full_like(x["text"], stop_t))
+            ids, embeds, mask = m.prepare_gpt_inputs(conds, text, x["lang"])
+            # the codes as forward() frames them: set_mel_padding, start_mel before, stop_mel after
+            pos = torch.arange(x["codes"].shape[1])
+            codes = torch.where(pos < x["code_lengths"].unsqueeze(1), x["codes"], torch.full_like(x["codes"], stop_m))
+            codes = torch.cat([codes, torch.full_like(codes[:, :1], stop_m)], 1)  # ids already ends with start_mel
+            seen = {}
+            hook = m.final_norm.register_forward_hook(lambda mod, i, o: seen.setdefault("final_norm", o))
+            try:
+                m.inference_model.store_mel_emb(embeds)
+                out = m.inference_model(input_ids=torch.cat([ids, codes], 1),
+                                        attention_mask=torch.cat([mask, torch.ones_like(codes)], 1),
+                                        use_cache=False, return_dict=True)
+            finally:
+                hook.remove()
+                m.inference_model.store_mel_emb(None)
+            s = embeds.shape[1]
+            assert int(ids[0, -1]) == start_m
+            return {"latents": seen["final_norm"][:, s:-2], "mel_logits": out.logits[:, s:]}
+    raise ConvertError(f"gpt (IndexTTS-2.5): no upstream call for reference entry {name!r}")
 
 
 # ------------------------------------------------------------------ s2mel
@@ -436,6 +509,47 @@ def semantic_codec_run(codec, name: str, x: dict, config=None) -> dict:
     raise ConvertError(f"semantic-codec: no upstream call for reference entry {name!r}")
 
 
+# ------------------------------------------------------------------ semantic codec, IndexTTS-2.5
+
+ENHANCED_CODEC_ARGS = ("codebook_size", "hidden_size", "codebook_dim", "vocos_dim", "vocos_intermediate_dim",
+                       "vocos_num_layers")
+
+
+def semantic_codec_2_5_model(path: str, cfg):
+    """infer_v2_5: ``EnhancedCodec(**cfg.semantic_codec, cfg=cfg.semantic_codec)`` and its
+    ``load_checkpoint(codec.pth)``; here indextts25-inference's decoding-half
+    ``EnhancedCodec`` (its six size arguments) and its own ``load_checkpoint`` (the
+    ``model`` dict, weight norm folded, missing keys refused).  A safetensors dump of the
+    state dict is folded with the package's ``fold_weight_norm`` and loaded the same way."""
+    import torch
+
+    cm = indextts25("codec.models")
+    args = {k: cfg[k] for k in ENHANCED_CODEC_ARGS if k in cfg}
+    if int(cfg.get("num_quantizers", 1)) != 1:
+        raise ConvertError("indextts25-inference's EnhancedCodec has one quantizer; this config asks for "
+                           f"{cfg.get('num_quantizers')}")
+    m = cm.EnhancedCodec(**args)
+    if _is_safetensors(path):
+        sd = indextts25("utils.checkpoint").fold_weight_norm(_safetensors_state(path), "cpu")
+        missing = m.load_state_dict(sd, strict=False).missing_keys
+        if missing:
+            raise ConvertError(f"{path}: missing {len(missing)} keys upstream needs, e.g. {missing[:5]}")
+    else:
+        m.load_checkpoint(str(path))
+    return m.eval().to(torch.float32)
+
+
+def semantic_codec_2_5_run(codec, name: str, x: dict, config=None) -> dict:
+    import torch
+
+    with torch.no_grad():
+        if name == "vq2emb":
+            return {"emb": codec.quantizer.vq2emb(x["codes"].unsqueeze(1))}
+        if name == "decode":
+            return {"features": codec.decode(x["codes"])}
+    raise ConvertError(f"semantic-codec (IndexTTS-2.5): no upstream call for reference entry {name!r}")
+
+
 # ------------------------------------------------------------------ campplus
 
 INFER_V2_CAMPPLUS = {"feat_dim": 80, "embedding_size": 192}  # infer_v2: CAMPPlus(feat_dim=80, embedding_size=192)
@@ -494,13 +608,19 @@ def emotion_matrix_run(groups, name: str, x: dict, config=None) -> dict:
 # ------------------------------------------------------------------ dispatch
 
 
-def import_upstream(kind: str) -> None:
+def import_upstream(kind: str, family_version: str = "2.0") -> None:
     """Import the upstream code ``kind`` needs, before anything is read, so that a missing
     package is reported first (:class:`UpstreamMissing`)."""
     _need("torch", "torch")
     if kind in ("gpt", "s2mel", "semantic-codec", "speaker-matrix", "emotion-matrix"):
         _need("omegaconf", "config reader (omegaconf)")  # infer_v2 reads config.yaml with it
-    if kind == "gpt":
+    if family_version == "2.5" and kind == "gpt":
+        indextts25("gpt.model_v2")
+        indextts25("utils.checkpoint")
+    elif family_version == "2.5" and kind == "semantic-codec":
+        indextts25("codec.models")
+        indextts25("utils.checkpoint")
+    elif kind == "gpt":
         indextts("gpt.model_v2")
         indextts("utils.checkpoint")
     elif kind == "s2mel":
@@ -522,10 +642,16 @@ def import_upstream(kind: str) -> None:
         raise ConvertError(f"no upstream forward for model {kind!r}")
 
 
-def build(kind: str, src_file: str, cfg_file: str | None, extra: dict[str, str]):
+def build(kind: str, src_file: str, cfg_file: str | None, extra: dict[str, str], family_version: str = "2.0"):
     """The upstream module of ``kind`` from the located source, config and extra files
     (``extra["stats/"]``: the w2v-bert statistics); (module, how it was loaded)."""
     dump = _is_safetensors(src_file)
+    if family_version == "2.5" and kind == "gpt":
+        return gpt_2_5_model(src_file, config_section(cfg_file, "gpt")), \
+            "indextts25 UnifiedVoice(**cfg.gpt) + indextts25 utils.checkpoint.load_checkpoint + post_init_gpt2_config()"
+    if family_version == "2.5" and kind == "semantic-codec":
+        return semantic_codec_2_5_model(src_file, config_section(cfg_file, "semantic_codec")), \
+            "indextts25 EnhancedCodec(**cfg.semantic_codec) + its load_checkpoint (codec.pth 'model', weight norm folded)"
     if kind == "gpt":
         return gpt_model(src_file, config_section(cfg_file, "gpt")), "UnifiedVoice(**cfg.gpt) + " + (
             "strict load_state_dict of the safetensors dump (upstream's load_checkpoint reads torch files only)"
@@ -565,13 +691,14 @@ def build(kind: str, src_file: str, cfg_file: str | None, extra: dict[str, str])
 
 RUN = {"gpt": gpt_run, "s2mel": s2mel_run, "w2v-bert": w2v_bert_run, "bigvgan": bigvgan_run,
        "semantic-codec": semantic_codec_run, "campplus": campplus_run,
-       "speaker-matrix": speaker_matrix_run, "emotion-matrix": emotion_matrix_run}
+       "speaker-matrix": speaker_matrix_run, "emotion-matrix": emotion_matrix_run,
+       "gpt@2.5": gpt_2_5_run, "semantic-codec@2.5": semantic_codec_2_5_run}
 
 
-def run(kind: str, m, name: str, inputs: dict, config: dict | None = None) -> dict:
+def run(kind: str, m, name: str, inputs: dict, config: dict | None = None, family_version: str = "2.0") -> dict:
     """Upstream's outputs for one reference entry point, by the entry's output names;
     any other key is an activation the reference records under that name."""
-    return RUN[kind](m, name, inputs, config)
+    return RUN.get(f"{kind}@{family_version}", RUN[kind])(m, name, inputs, config)
 
 
 # ------------------------------------------------------------------ the comparison
@@ -663,15 +790,17 @@ def verify_forward(src_path: str, out_path: str, extra: dict[str, str] | None = 
     import torch
 
     from . import engine
+    from .family import file_version
     from .verify import canonical_kind
     from reference.entry import entries
     from reference.load import load
 
     kind, header = canonical_kind(out_path)
-    import_upstream(kind)
+    fv = file_version(header.metadata)
+    import_upstream(kind, fv)
     src_file, cfg_file = engine.locate(kind, src_path, config)
-    files = engine.input_files(engine.model_module(kind), src_file, extra)
-    m, how = build(kind, src_file, cfg_file, files)
+    files = engine.input_files(engine.model_module(kind, fv), src_file, extra)
+    m, how = build(kind, src_file, cfg_file, files, fv)
     echo(f"upstream: {how}, from {src_file}" + (f" and {cfg_file}" if cfg_file else "")
          + "".join(f" and {p}" for p in files.values()))
     rtol, half, why = tolerance(header.metadata.get("dtype", "F32"))
@@ -680,12 +809,12 @@ def verify_forward(src_path: str, out_path: str, extra: dict[str, str] | None = 
     echo(f"reference: {out_path} ({why})")
     w = load(out_path, device="cpu").float()
     rows: list[Row] = []
-    for e in entries(kind):
+    for e in entries(kind, fv):
         x = e.inputs(w.config, torch.Generator().manual_seed(seed))
         acts: dict = {}
         with torch.no_grad():
             got = e.run(w, acts, **x)
-        want = run(kind, m, e.name, x, w.config)
+        want = run(kind, m, e.name, x, w.config, fv)
         for o in [*e.outputs, *(k for k in want if k not in e.outputs)]:
             act = o not in e.outputs
             by = SCALE_OF.get((kind, e.name, o))

@@ -56,13 +56,13 @@ def golden_for(path: str, seed: int):
     """(tensors, entries) of the golden file for one canonical file."""
     import torch
 
-    from reference.entry import entries
+    from reference.entry import entries_for
     from reference.load import load
 
     w = load(path, device="cpu").float()
     tensors: dict[str, torch.Tensor] = {}
     index = []
-    for e in entries(w.model):
+    for e in entries_for(w):
         g = torch.Generator().manual_seed(seed)
         inputs = e.inputs(w.config, g)
         if list(inputs) != list(e.args):
@@ -118,6 +118,7 @@ def write_golden(out_dir: str, models: tuple[str, ...] = (), seed: int = 0, echo
             "canonical_file": os.path.basename(p),
             "canonical_sha256": HASHES.digest(p),
             "canonical_schema_version": md.get("schema_version", ""),
+            "family_version": md.get("family_version", "2.0"),
             "reference_version": REFERENCE_VERSION,
             "seed": str(seed),
             "dtype": "F32",

@@ -240,14 +240,11 @@ def _perceiver_rows(stack: str, lay: str, proj_context: bool) -> list[Row]:
     return rows
 
 
-def table(cfg: dict):
+def gpt2_rows() -> list[Row]:
+    """The GPT-2 stack (``{i}`` = block), ``gpt.ln_f``, ``final_norm`` and ``mel_head``: the
+    same in IndexTTS-2.0 and 2.5."""
     h = "gpt.h.{i}"
-    rows = [
-        *keep("text_embedding.weight", "mel_embedding.weight", "speed_emb.weight"),
-        row("text_pos_embedding.weight", "copy", "text_pos_embedding.emb.weight"),
-        row("mel_pos_embedding.weight", "copy", "mel_pos_embedding.emb.weight"),
-        *keep("emovec_layer", "emo_layer", f"{h}.ln_1", params=WB),
-    ]
+    rows = [*keep(f"{h}.ln_1", params=WB)]
     # GPT2Attention: query, key, value = c_attn(x).split(n_embd, dim=2); Conv1D weight is [in, out].
     for i, n in enumerate("qkv"):
         rows += [row(f"{h}.attn.{n}.weight", f"split(dim=1,index={i},parts=3)|transpose", f"{h}.attn.c_attn.weight"),
@@ -259,7 +256,27 @@ def table(cfg: dict):
         row(f"{h}.mlp.fc.bias", "copy", f"{h}.mlp.c_fc.bias"),
         row(f"{h}.mlp.proj.weight", "transpose", f"{h}.mlp.c_proj.weight"),
         row(f"{h}.mlp.proj.bias", "copy", f"{h}.mlp.c_proj.bias"),
-        *keep(f"{h}.ln_2", "gpt.ln_f", "final_norm", "text_head", "mel_head", params=WB),
+        *keep(f"{h}.ln_2", "gpt.ln_f", "final_norm", "mel_head", params=WB),
+    ]
+    return rows
+
+
+def embedding_rows() -> list[Row]:
+    """Text and mel embeddings and their position tables, ``emovec_layer``, ``emo_layer``."""
+    return [
+        *keep("text_embedding.weight", "mel_embedding.weight"),
+        row("text_pos_embedding.weight", "copy", "text_pos_embedding.emb.weight"),
+        row("mel_pos_embedding.weight", "copy", "mel_pos_embedding.emb.weight"),
+        *keep("emovec_layer", "emo_layer", params=WB),
+    ]
+
+
+def table(cfg: dict):
+    rows = [
+        *embedding_rows(),
+        *keep("speed_emb.weight"),
+        *gpt2_rows(),
+        *keep("text_head", params=WB),
         *_conformer_rows("conditioning_encoder", "cb"),
         *_conformer_rows("emo_conditioning_encoder", "eb"),
         *_perceiver_rows("perceiver_encoder", "pl", cfg["perceiver_encoder"]["has_proj_context"]),

@@ -99,6 +99,26 @@ INFERENCE = {
 }
 
 
+# infer_v2_5.py: what changes between the models in IndexTTS-2.5 (the rest as INFERENCE).
+INFERENCE_2_5 = {
+    **{k: v for k, v in INFERENCE.items() if k not in ("mel_frames_per_code", "conditioning_lengths")},
+    "mel_frames_per_decoded_frame": 1.72,  # target_lengths = int(S_infer.shape[1] * 1.72 * duration_factor)
+    "decoded_frames_per_code": 2,  # EnhancedCodec.decode upsamples by 2: S_infer has 2 frames per code
+    "duration_factor": 1.0,  # infer_v2_5's default; scales the target length
+    "conditioning_lengths": "infer_v2_5 passes spk_cond_emb.shape[-1] (the feature width) as the emotion lengths, so nothing is masked",
+}
+# indextts/utils/tokenizer.py: get_tokenizer(multilingual=True) reads <model_dir>/<name>.tiktoken
+TIKTOKEN_TEXT = {
+    "file": "multilingual_zh_ja_yue_char_del.tiktoken",
+    "format": "tiktoken BPE ranks (one 'base64-token rank' per line); upstream's get_encoding appends its special tokens "
+              "after the ranks (<|endoftext|>, <|startoftranscript|>, one <|lang|> per language of the first 99, task and "
+              "timestamp tokens, <|SPECIAL_TOKEN_1..30|>, the TTS vocal tokens), in order",
+    "prompt": "f'<|{lang}|> ' + text (lower-cased for ja/zh/zhen/en, upper-cased for es), encoded with allowed_special='all'; "
+              "stop_text_token appended",
+    "language_id": "lang = languages.index(lang) (upstream lang_to_token), the lang_embedding row added to every text position",
+}
+
+
 def seamless_params(w2v_folder: str | None) -> dict:
     """The w2v-bert front end's settings: ``preprocessor_config.json`` beside the model
     when there is one, else the feature extractor's class defaults (said so)."""
@@ -114,9 +134,10 @@ def seamless_params(w2v_folder: str | None) -> dict:
     return {**vals, **SEAMLESS_FBANK, "source": source}
 
 
-def build(configs: dict[str, dict], w2v_folder: str | None = None) -> dict:
+def build(configs: dict[str, dict], w2v_folder: str | None = None, family_version: str = "2.0") -> dict:
     """The pipeline values for a bundle whose canonical files have these configs
-    (``{model kind: metadata config}``; every kind must be present)."""
+    (``{model kind: metadata config}``; every kind must be present), of an IndexTTS
+    release of ``family_version`` (2.5: :func:`flow_2_5` and its tokens and constants)."""
     gpt, s2, w2v, codec = configs["gpt"], configs["s2mel"], configs["w2v-bert"], configs["semantic-codec"]
     voc, cam = configs["bigvgan"], configs["campplus"]
     seam = seamless_params(w2v_folder)
@@ -132,29 +153,74 @@ def build(configs: dict[str, dict], w2v_folder: str | None = None) -> dict:
     semantic_out = ("the encoder's last hidden state (statistics folded in, --profile indextts2)"
                     if w2v.get("profile") == "indextts2" else
                     f"(hidden_states[{norm_index}] - semantic_stats.mean) / semantic_stats.std")
-    flow = [
+    steps = {
+        "semantic_features":
         {"step": "semantic_features", "file": "w2v_bert.safetensors", "upstream": "infer_v2.get_emb",
          "inputs": {"input_features": f"[B, T_feat, {feat_in}] (front_ends.w2v_bert_features of 16 kHz audio)",
                     "attention_mask": "[B, T_feat]"},
          "outputs": {"feature": f"[B, T_feat, {h}] = {semantic_out}"},
          "used_as": "spk_cond_emb (speaker reference audio) and emo_cond_emb (emotion reference audio)"},
-        {"step": "semantic_codes", "file": "semantic_codec.safetensors", "upstream": "semantic_codec.quantize(spk_cond_emb)",
-         "inputs": {"spk_cond_emb": f"[1, T_feat, {codec['hidden_size']}]"},
-         "outputs": {"codes": "[1, T_feat] int64 (unused)", "S_ref": f"[1, T_feat, {codec['hidden_size']}] quantized embedding"}},
+        "reference_mel":
         {"step": "reference_mel", "file": None, "upstream": "infer_v2.mel_fn",
          "inputs": {"audio": f"speaker reference audio at {s2['sampling_rate']} Hz"},
          "outputs": {"ref_mel": f"[1, {s2['n_mels']}, T_mel] (front_ends.s2mel_mel)"}},
+        "style":
         {"step": "style", "file": "campplus.safetensors", "upstream": "campplus_model(feat.unsqueeze(0))",
          "inputs": {"fbank": f"[1, T_fbank, {cam['feat_dim']}] (front_ends.campplus_fbank of 16 kHz audio)"},
          "outputs": {"style": f"[1, {cam['embedding_size']}]"}},
-        {"step": "prompt_condition", "file": "s2mel.safetensors", "upstream": "length_regulator(S_ref, ylens=[T_mel])[0]",
-         "inputs": {"S_ref": f"[1, T_feat, {codec['hidden_size']}]", "ylens": "[1] = T_mel"},
-         "outputs": {"prompt_condition": f"[1, T_mel, {s2['length_regulator_channels']}]"}},
+        "emotion_vector":
         {"step": "emotion_vector", "file": "gpt.safetensors", "upstream": "gpt.merge_emovec(spk_cond_emb, emo_cond_emb, lengths, lengths, alpha)",
          "inputs": {"spk_cond_emb": f"[1, T_feat, {h}]", "emo_cond_emb": f"[1, T_emo, {h}]", "alpha": "emotion strength, 1.0 without an emotion reference"},
          "outputs": {"emovec": f"[1, {gpt['model_dim']}]"},
          "optional": "with an explicit emotion vector w (one weight per emo_num group): emovec = emotion_mix(speaker_matrix, "
                      "emotion_matrix, style, w) + (1 - sum(w)) * emovec"},
+        "mel":
+        {"step": "mel", "file": "s2mel.safetensors", "upstream": "cfm.inference(cat([prompt_condition, cond], 1), [T_mel + T_target], ref_mel, style, None, 25, 0.7)",
+         "outputs": {"mel": f"[1, {s2['n_mels']}, T_mel + T_target]; the runtime keeps frames T_mel onwards"}},
+        "waveform":
+        {"step": "waveform", "file": "bigvgan.safetensors", "upstream": "bigvgan(mel)",
+         "inputs": {"mel": f"[1, {voc['num_mels']}, T_target]"},
+         "outputs": {"wav": f"[1, 1, T_target * {_prod(voc['upsample_rates'])}] at {voc.get('sampling_rate', s2['sampling_rate'])} Hz, clamped to [-1, 1]"}},
+    }
+    out = {
+        "sample_rates": {
+            "semantic_features_hz": seam["sampling_rate"],
+            "speaker_fbank_hz": KALDI_FBANK["sampling_rate"],
+            "mel_hz": s2["sampling_rate"],
+            "output_hz": voc.get("sampling_rate", s2["sampling_rate"]),
+        },
+        "front_ends": {
+            "w2v_bert_features": seam,
+            "campplus_fbank": {**KALDI_FBANK, "source": "torchaudio.compliance.kaldi.fbank as infer_v2 calls it"},
+            "s2mel_mel": mel,
+        },
+        "semantic_hidden_state": {"index": norm_index, "profile": w2v.get("profile", "full"), "value": semantic_out},
+        "flow": None,
+        "tokens": {
+            "start_text_token": gpt["start_text_token"], "stop_text_token": gpt["stop_text_token"],
+            "start_mel_token": gpt["start_mel_token"], "stop_mel_token": gpt["stop_mel_token"],
+            "number_text_tokens": gpt["number_text_tokens"], "number_mel_codes": gpt["number_mel_codes"],
+            "codebook_size": codec["codebook_size"],
+        },
+        "inference": INFERENCE,
+    }
+    if family_version == "2.5":
+        out.update(flow=flow_2_5(configs, steps), inference=INFERENCE_2_5,
+                   unused={"s2mel gpt_layer": "carried in s2mel.safetensors and run by none of infer_v2_5's steps "
+                                              "(upstream removed its use_gpt_latent path)"})
+        out["tokens"].update(tokenizer=TIKTOKEN_TEXT, languages=list(gpt["languages"]))
+        return out
+    out["flow"] = [
+        steps["semantic_features"],
+        {"step": "semantic_codes", "file": "semantic_codec.safetensors", "upstream": "semantic_codec.quantize(spk_cond_emb)",
+         "inputs": {"spk_cond_emb": f"[1, T_feat, {codec['hidden_size']}]"},
+         "outputs": {"codes": "[1, T_feat] int64 (unused)", "S_ref": f"[1, T_feat, {codec['hidden_size']}] quantized embedding"}},
+        steps["reference_mel"],
+        steps["style"],
+        {"step": "prompt_condition", "file": "s2mel.safetensors", "upstream": "length_regulator(S_ref, ylens=[T_mel])[0]",
+         "inputs": {"S_ref": f"[1, T_feat, {codec['hidden_size']}]", "ylens": "[1] = T_mel"},
+         "outputs": {"prompt_condition": f"[1, T_mel, {s2['length_regulator_channels']}]"}},
+        steps["emotion_vector"],
         {"step": "speech_conditioning", "file": "gpt.safetensors", "upstream": "gpt.get_conditioning(spk_cond_emb.transpose(1, 2), lengths)",
          "inputs": {"spk_cond_emb": f"[1, {gpt['conditioning_encoder']['input_size']}, T_feat]"},
          "outputs": {"conditioning": f"[1, {gpt['condition_num_latent']}, {gpt['model_dim']}]"}},
@@ -169,34 +235,46 @@ def build(configs: dict[str, dict], w2v_folder: str | None = None) -> dict:
          "outputs": {"S_infer": f"[1, T_codes, {codec['hidden_size']}], then S_infer + latent"}},
         {"step": "target_condition", "file": "s2mel.safetensors", "upstream": "length_regulator(S_infer, ylens=(code_lens * 1.72).long())[0]",
          "outputs": {"cond": f"[1, T_target, {s2['length_regulator_channels']}]"}},
-        {"step": "mel", "file": "s2mel.safetensors", "upstream": "cfm.inference(cat([prompt_condition, cond], 1), [T_mel + T_target], ref_mel, style, None, 25, 0.7)",
-         "outputs": {"mel": f"[1, {s2['n_mels']}, T_mel + T_target]; the runtime keeps frames T_mel onwards"}},
-        {"step": "waveform", "file": "bigvgan.safetensors", "upstream": "bigvgan(mel)",
-         "inputs": {"mel": f"[1, {voc['num_mels']}, T_target]"},
-         "outputs": {"wav": f"[1, 1, T_target * {_prod(voc['upsample_rates'])}] at {voc.get('sampling_rate', s2['sampling_rate'])} Hz, clamped to [-1, 1]"}},
+        steps["mel"],
+        steps["waveform"],
     ]
-    return {
-        "sample_rates": {
-            "semantic_features_hz": seam["sampling_rate"],
-            "speaker_fbank_hz": KALDI_FBANK["sampling_rate"],
-            "mel_hz": s2["sampling_rate"],
-            "output_hz": voc.get("sampling_rate", s2["sampling_rate"]),
-        },
-        "front_ends": {
-            "w2v_bert_features": seam,
-            "campplus_fbank": {**KALDI_FBANK, "source": "torchaudio.compliance.kaldi.fbank as infer_v2 calls it"},
-            "s2mel_mel": mel,
-        },
-        "semantic_hidden_state": {"index": norm_index, "profile": w2v.get("profile", "full"), "value": semantic_out},
-        "flow": flow,
-        "tokens": {
-            "start_text_token": gpt["start_text_token"], "stop_text_token": gpt["stop_text_token"],
-            "start_mel_token": gpt["start_mel_token"], "stop_mel_token": gpt["stop_mel_token"],
-            "number_text_tokens": gpt["number_text_tokens"], "number_mel_codes": gpt["number_mel_codes"],
-            "codebook_size": codec["codebook_size"],
-        },
-        "inference": INFERENCE,
-    }
+    return out
+
+
+def flow_2_5(configs: dict[str, dict], steps: dict[str, dict]) -> list[dict]:
+    """infer_v2_5's steps: the CAMPPlus style is the GPT's speaker conditioning, the
+    prompt condition comes from the w2v-bert features directly (no quantize), and the
+    codes are decoded by the 2.5 codec (``upsample_factor`` frames per code); the GPT's
+    latents and s2mel's ``gpt_layer`` are not used."""
+    gpt, s2, w2v, codec = configs["gpt"], configs["s2mel"], configs["w2v-bert"], configs["semantic-codec"]
+    h, ch, d = w2v["hidden_size"], s2["length_regulator_channels"], gpt["model_dim"]
+    return [
+        {**steps["semantic_features"], "upstream": "infer_v2_5.get_emb"},
+        steps["reference_mel"],
+        steps["style"],
+        {"step": "prompt_condition", "file": "s2mel.safetensors", "upstream": "length_regulator(spk_cond_emb, ylens=[T_mel])[0]",
+         "inputs": {"spk_cond_emb": f"[1, T_feat, {h}] (the semantic features themselves: infer_v2_5 does not quantize them)",
+                    "ylens": "[1] = T_mel"},
+         "outputs": {"prompt_condition": f"[1, T_mel, {ch}]"}},
+        steps["emotion_vector"],
+        {"step": "speech_conditioning", "file": "gpt.safetensors", "upstream": "gpt.spk_emb_proj(style) (inference_speech, campplus_embedding=style)",
+         "inputs": {"style": f"[1, {gpt['speaker_embedding_dim']}] (the CAMPPlus style above)"},
+         "outputs": {"conditioning": f"[1, 1, {d}]"}},
+        {"step": "codes", "file": "gpt.safetensors",
+         "upstream": "gpt.inference_speech(spk_cond_emb, text_tokens, lang, emo_cond_emb, emo_vec=emovec, campplus_embedding=style) "
+                     "(autoregressive sampling, inference.generation)",
+         "inputs": {"text_tokens": "[1, T_text] ids of tokens.tokenizer.prompt", "lang": "[1] = tokens.tokenizer.language_id",
+                    "conditioning": "as above", "emovec": "as above"},
+         "outputs": {"codes": f"[1, T_codes] in [0, {gpt['number_mel_codes']}), cut at the first stop_mel_token"}},
+        {"step": "code_features", "file": "semantic_codec.safetensors", "upstream": "semantic_codec.decode(codes)",
+         "inputs": {"codes": "[1, T_codes]"},
+         "outputs": {"S_infer": f"[1, {codec['upsample_factor']} * T_codes, {codec['hidden_size']}]"}},
+        {"step": "target_condition", "file": "s2mel.safetensors",
+         "upstream": "length_regulator(S_infer, ylens=[int(S_infer.shape[1] * 1.72 * duration_factor)])[0]",
+         "outputs": {"cond": f"[1, T_target, {ch}]"}},
+        steps["mel"],
+        steps["waveform"],
+    ]
 
 
 def _prod(xs) -> int:
@@ -230,6 +308,13 @@ def _rules():
         ok = s2["hop_length"] == v["hop_size"] == _prod(v["upsample_rates"])
         return ok, f"s2mel hop_length = {s2['hop_length']}, bigvgan hop_size = {v['hop_size']}, prod(upsample_rates) = {_prod(v['upsample_rates'])}"
 
+    def speaker(c):
+        cam, g = c["campplus"], c["gpt"]
+        if "speaker_embedding_dim" not in g:
+            return True, ""  # a 2.0 GPT: its speaker conditioning reads w2v-bert features, not the style
+        return cam["embedding_size"] == g["speaker_embedding_dim"], \
+            f"campplus embedding_size = {cam['embedding_size']!r}, gpt speaker_embedding_dim = {g['speaker_embedding_dim']!r}"
+
     return [
         eq("s2mel", "n_mels", "bigvgan", "num_mels", "the mel the DiT writes is the mel BigVGAN reads"),
         (("s2mel", "bigvgan"), "s2mel hop_length == bigvgan hop_size == prod(bigvgan upsample_rates)",
@@ -242,16 +327,27 @@ def _rules():
         (("gpt", "semantic-codec"), "gpt mel codes other than start/stop == range(semantic-codec codebook_size)",
          "every code the GPT writes is a codebook row for vq2emb", codes),
         eq("w2v-bert", "hidden_size", "semantic-codec", "hidden_size", "the semantic features are the codec's input"),
+        (("campplus", "gpt"), "(2.5) campplus embedding_size == gpt speaker_embedding_dim",
+         "the CAMPPlus style vector is the 2.5 GPT's speaker input (spk_emb_proj)", speaker),
     ]
 
 
 RULES = [r[1] for r in _rules()]
+# The models a release trains or ships itself: one family_version in a bundle (canonical_schema.json
+# "families.bundle"); w2v-bert, BigVGAN and CAMPPlus are the same upstream models in both releases.
+RELEASE_SPECIFIC = ("gpt", "semantic-codec", "s2mel", "speaker-matrix", "emotion-matrix")
 
 
-def cross_file_problems(configs: dict[str, dict], files: dict[str, str]) -> list[str]:
+def cross_file_problems(configs: dict[str, dict], files: dict[str, str], versions: dict[str, str] | None = None) -> list[str]:
     """Every rule whose files are all present and disagree, naming both files and values.
-    ``configs`` and ``files`` map model kinds to metadata configs and file paths."""
+    ``configs`` and ``files`` map model kinds to metadata configs and file paths,
+    ``versions`` to family versions (absent: the rule on them is not checked)."""
     errs = []
+    seen = {k: v for k, v in (versions or {}).items() if k in RELEASE_SPECIFIC}
+    if len(set(seen.values())) > 1:
+        shown = ", ".join(f"{files[k]} is IndexTTS-{v}" for k, v in sorted(seen.items()))
+        errs.append(f"the files are of different releases: {shown}; gpt, semantic-codec, s2mel, speaker-matrix and "
+                    "emotion-matrix must have one family_version (each release trains its own)")
     for kinds, rule, what, test in _rules():
         if not all(k in configs for k in kinds):
             continue

@@ -40,6 +40,18 @@ MODELS: dict[str, str] = {
     "campplus": "converters.campplus",
 }
 
+# Models whose layout differs in a release version: (kind, family version) -> module.
+# The other versions use MODELS[kind].
+VERSIONED: dict[tuple[str, str], str] = {
+    ("gpt", "2.5"): "converters.gpt_v2_5",
+    ("semantic-codec", "2.5"): "converters.semantic_codec_v2_5",
+}
+
+
+def module_name(kind: str, family_version: str = "2.0") -> str:
+    return VERSIONED.get((kind, family_version), MODELS[kind])
+
+
 DTYPE_NAMES = ("keep", "float32", "float16", "bfloat16")
 
 EXTRA_FILES: dict[str, dict[str, tuple[str, str]]] = {
@@ -68,7 +80,7 @@ SOURCE_FILES: dict[str, tuple[str, ...]] = {
     "bigvgan": ("bigvgan_generator.pt", "bigvgan_generator.safetensors", "model.safetensors", "bigvgan.safetensors"),
     "speaker-matrix": ("feat1.pt",),
     "emotion-matrix": ("feat2.pt",),
-    "semantic-codec": ("model.safetensors", "semantic_codec.safetensors"),
+    "semantic-codec": ("model.safetensors", "semantic_codec.safetensors", "codec.pth"),
     "campplus": ("campplus_cn_common.bin",),
 }
 CONFIG_FILES: dict[str, tuple[str, bool]] = {
@@ -119,7 +131,7 @@ def _local_imports(path: str) -> list[str]:
 
 
 @lru_cache(maxsize=None)
-def converter_fingerprint(kind: str) -> str:
+def converter_fingerprint(kind: str, family_version: str = "2.0") -> str:
     """sha256 over what shapes ``kind``'s canonical output: its converter module and the
     converter modules it imports, the shared op, table and config code, the model's
     schema section and the writer format.  Torch-free.  ``all`` redoes an output
@@ -127,12 +139,13 @@ def converter_fingerprint(kind: str) -> str:
     file called "up to date"."""
     from .schema import model_spec
 
-    own = MODELS[kind].rsplit(".", 1)[1]
+    own = module_name(kind, family_version).rsplit(".", 1)[1]
     names = sorted({own, *SHARED_MODULES, *(m for m in _local_imports(_module_file(own)) if os.path.isfile(_module_file(m)))})
     h = hashlib.sha256()
     for name in names:
         with open(_module_file(name), "rb") as f:
             h.update(name.encode() + b"\0" + f.read() + b"\0")
-    h.update(json.dumps(model_spec(kind), sort_keys=True).encode())
+    spec = model_spec(kind) if family_version == "2.0" else model_spec(kind, family_version)
+    h.update(json.dumps(spec, sort_keys=True).encode())
     h.update(f"writer format {WRITER_FORMAT}".encode())
     return h.hexdigest()

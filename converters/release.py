@@ -26,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from . import bundle, pipeline, schema
+from . import bundle, family, pipeline, schema
 from .errors import ConvertError
 from .hashing import SERVICE as HASHES
 from .hashing import sha256_file
@@ -35,18 +35,29 @@ from .registry import CHOICES, CONVERTER_VERSION, EXTRA_FILES, SOURCE_FILES, con
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
 RELEASE_REPO = "IndexTeam/IndexTTS-2"
+RELEASE_REPOS = {"2.0": RELEASE_REPO, "2.5": "IndexTeam/IndexTTS-2.5"}
 RELEASE_CONFIG = "config.yaml"
 VOCODER = "{vocoder}"  # Item.hf repo placeholder: the vocoder config.yaml names
+# infer_v2_5 ignores config.yaml's vocoder.name: it loads <release>/hf_cache/bigvgan, which
+# utils/model_download.py fills from this repository (_BIGVGAN_REPO).
+BIGVGAN_2_5 = "nvidia/bigvgan_v2_22khz_80band_256x"
+UNUSED_2_5 = ("hf_cache/semantic_codec_model.safetensors", "MaskGCT/semantic_codec")  # the MaskGCT codec 2.5 never loads
 
 
 @dataclass(frozen=True)
 class Item:
     kind: str
-    release: str  # file or folder inside the release folder
+    release: str  # file or folder inside the release folder (the first of candidates)
     hf: tuple[str, str] | None = None  # (repo id, path inside a snapshot) in the HF cache
     flag: str | None = None  # `all` option that names the source explicitly
     release_config: str | None = None  # config file taken from the release folder
     fetch: tuple[str, ...] = ()  # the files `huggingface-cli download` needs (from hf[0], else the release repo)
+    more: tuple[str, ...] = ()  # further places in the release folder, after ``release``
+    config_key: str | None = None  # config.yaml key naming the checkpoint (gpt_checkpoint, s2mel_checkpoint)
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        return (self.release, *self.more)
 
     @property
     def out(self) -> str:
@@ -57,21 +68,42 @@ class Item:
 # Conversion order: smallest sources first and gpt last.  Each output's header waits for
 # its source's sha256 (so the output can be hashed as it streams); the sources are
 # hashed in this order from the start, and small models convert meanwhile.
+# In a 2.0 release the auxiliary models sit in this tool's local layout (``campplus/``,
+# ``MaskGCT/semantic_codec/``, ``bigvgan/``, ``w2v-bert-2.0/``) or where upstream's first run
+# puts them (utils/model_download.py, shared by infer_v2 and infer_v2_5): ``hf_cache/``.
 ITEMS: list[Item] = [
     Item("speaker-matrix", "feat1.pt", fetch=("feat1.pt",)),
     Item("emotion-matrix", "feat2.pt", fetch=("feat2.pt",)),
     Item("campplus", "campplus", hf=("funasr/campplus", ""), flag="campplus",
-         fetch=("campplus_cn_common.bin",)),
+         fetch=("campplus_cn_common.bin",), more=("hf_cache/campplus_cn_common.bin",)),
     Item("semantic-codec", "MaskGCT/semantic_codec", hf=("amphion/MaskGCT", "semantic_codec"),
-         flag="semantic_codec", release_config=RELEASE_CONFIG, fetch=("semantic_codec/model.safetensors",)),
+         flag="semantic_codec", release_config=RELEASE_CONFIG, fetch=("semantic_codec/model.safetensors",),
+         more=("hf_cache/semantic_codec_model.safetensors",)),
     # upstream loads BigVGAN.from_pretrained(config.yaml vocoder.name); `bigvgan/` is this tool's local layout
     Item("bigvgan", "bigvgan", hf=(VOCODER, ""), flag="bigvgan",
-         fetch=("bigvgan_generator.pt", "config.json")),
-    Item("s2mel", "s2mel.pth", fetch=("s2mel.pth",)),
+         fetch=("bigvgan_generator.pt", "config.json"), more=("hf_cache/bigvgan",)),
+    Item("s2mel", "s2mel.pth", fetch=("s2mel.pth",), config_key="s2mel_checkpoint"),
     Item("w2v-bert", "w2v-bert-2.0", hf=("facebook/w2v-bert-2.0", ""), flag="w2v_bert",
-         fetch=("model.safetensors", "config.json", "preprocessor_config.json")),
-    Item("gpt", "gpt.pth", fetch=("gpt.pth",)),
+         fetch=("model.safetensors", "config.json", "preprocessor_config.json"), more=("hf_cache/w2v-bert-2.0",)),
+    Item("gpt", "gpt.pth", fetch=("gpt.pth",), config_key="gpt_checkpoint"),
 ]
+# IndexTTS-2.5 (infer_v2_5.py): hf_cache/ first, as upstream reads it; the codec is the
+# release's codec.pth; BigVGAN is hf_cache/bigvgan or BIGVGAN_2_5 (vocoder.name is not read).
+ITEMS_2_5: list[Item] = [
+    Item("speaker-matrix", "feat1.pt", fetch=("feat1.pt",)),
+    Item("emotion-matrix", "feat2.pt", fetch=("feat2.pt",)),
+    Item("campplus", "hf_cache/campplus_cn_common.bin", hf=("funasr/campplus", ""), flag="campplus",
+         fetch=("campplus_cn_common.bin",), more=("campplus",)),
+    Item("semantic-codec", family.CODEC_2_5, flag="semantic_codec", release_config=RELEASE_CONFIG,
+         fetch=(family.CODEC_2_5,)),
+    Item("bigvgan", "hf_cache/bigvgan", hf=(BIGVGAN_2_5, ""), flag="bigvgan",
+         fetch=("bigvgan_generator.pt", "config.json"), more=("bigvgan",)),
+    Item("s2mel", "s2mel.pth", fetch=("s2mel.pth",), config_key="s2mel_checkpoint"),
+    Item("w2v-bert", "hf_cache/w2v-bert-2.0", hf=("facebook/w2v-bert-2.0", ""), flag="w2v_bert",
+         fetch=("model.safetensors", "config.json", "preprocessor_config.json"), more=("w2v-bert-2.0",)),
+    Item("gpt", "gpt.pth", fetch=("gpt.pth",), config_key="gpt_checkpoint"),
+]
+ITEMS_BY_VERSION = {"2.0": ITEMS, "2.5": ITEMS_2_5}
 
 
 # ------------------------------------------------------------------ discovery
@@ -126,19 +158,27 @@ def _hf(item: Item, vocoder: str) -> tuple[str, str] | None:
     return (vocoder if item.hf[0] == VOCODER else item.hf[0]), item.hf[1]
 
 
-def find_source(item: Item, release_dir: str, flags: dict[str, str | None], vocoder: str = "") -> tuple[str, str]:
+def find_source(item: Item, release_dir: str, flags: dict[str, str | None], vocoder: str = "",
+                doc: dict | None = None, version: str = family.DEFAULT) -> tuple[str, str]:
     """(path, how it was found) for one item; :class:`Missing` if it is nowhere."""
     if item.flag and flags.get(item.flag):
         return flags[item.flag], "given on the command line"
     hf = _hf(item, vocoder)
     looked = []
-    candidates = [os.path.join(release_dir, item.release)]
-    if item.kind == "bigvgan" and vocoder and not os.path.isabs(vocoder):
+    note = ""
+    named = (doc or {}).get(item.config_key) if item.config_key else None
+    if isinstance(named, str) and named.strip():
+        p = os.path.join(release_dir, named.strip())  # upstream: os.path.join(model_dir, cfg.gpt_checkpoint)
+        if os.path.isfile(p):
+            return p, f"config.yaml {item.config_key}"
+        note = f"; config.yaml {item.config_key} names {named.strip()}, which does not exist, so the release's own {item.release} is used"
+    candidates = [os.path.join(release_dir, c) for c in item.candidates]
+    if item.kind == "bigvgan" and vocoder and not os.path.isabs(vocoder) and version == "2.0":
         candidates.insert(0, os.path.join(release_dir, vocoder))  # a vocoder named by a folder in the release
     for p in candidates:
         if os.path.isdir(p) or os.path.isfile(p):
             if _has_checkpoint(item, p):
-                return p, "in the release folder"
+                return p, "in the release folder" + note
             looked.append(f"{p} (no {' or '.join(SOURCE_FILES[item.kind])} in it)")
         else:
             looked.append(p)
@@ -152,7 +192,7 @@ def find_source(item: Item, release_dir: str, flags: dict[str, str | None], voco
             looked.append(f"{q} (a partial snapshot: no {' or '.join(SOURCE_FILES[item.kind])})" if os.path.exists(q) else q)
         else:
             looked.append(os.path.join(cache, "models--" + hf[0].replace("/", "--")))
-    how = fetch_command(hf[0], item.fetch) if hf else fetch_command(RELEASE_REPO, item.fetch, release_dir)
+    how = fetch_command(hf[0], item.fetch) if hf else fetch_command(RELEASE_REPOS[version], item.fetch, release_dir)
     flag = f", or pass --{item.flag.replace('_', '-')} PATH" if item.flag else ""
     raise Missing(f"{item.kind}: looked in {', '.join(looked)}; fetch it with `{how}`{flag}")
 
@@ -163,13 +203,13 @@ def _has_checkpoint(item: Item, path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, n)) for n in SOURCE_FILES[item.kind])
 
 
-def read_release_config(release_dir: str) -> tuple[str, dict]:
+def read_release_config(release_dir: str, version: str = family.DEFAULT) -> tuple[str, dict]:
     import yaml
 
     path = os.path.join(release_dir, RELEASE_CONFIG)
     if not os.path.isfile(path):
         raise Missing(f"{RELEASE_CONFIG}: not in {release_dir}; fetch it with "
-                      f"`{fetch_command(RELEASE_REPO, (RELEASE_CONFIG,), release_dir)}`")
+                      f"`{fetch_command(RELEASE_REPOS[version], (RELEASE_CONFIG,), release_dir)}`")
     try:
         with open(path) as f:
             doc = yaml.safe_load(f)
@@ -230,32 +270,45 @@ def check_vocoder(src: str, name: str, doc: dict, config_path: str) -> None:
         raise ConvertError(f"{cfg_file}: this BigVGAN does not fit the s2mel mel settings in {config_path}: {'; '.join(bad)}")
 
 
-def discover(release_dir: str, flags: dict[str, str | None]) -> tuple[list, str, dict]:
+def release_version(release_dir: str) -> tuple[str, str]:
+    """(family version, why) of a release folder, from its files (:func:`family.release_version`);
+    the GPT's and codec's tensors confirm it when they are converted."""
+    try:
+        return family.release_version(release_dir)
+    except family.Unsupported as e:
+        raise ConvertError(str(e)) from None
+
+
+def discover(release_dir: str, flags: dict[str, str | None], version: str = family.DEFAULT) -> tuple[list, str, dict]:
     """Every source, or one error naming every missing one.  Returns
     ([(item, path, how, config)], config.yaml path, config.yaml document)."""
     missing, found = [], []
     try:
-        cfg_path, doc = read_release_config(release_dir)
-        vocoder = vocoder_name(doc, cfg_path)
+        cfg_path, doc = read_release_config(release_dir, version)
+        # infer_v2_5 loads hf_cache/bigvgan whatever vocoder.name says
+        vocoder = vocoder_name(doc, cfg_path) if version == "2.0" else BIGVGAN_2_5
     except Missing as e:
         missing.append(str(e))
         cfg_path, doc, vocoder = os.path.join(release_dir, RELEASE_CONFIG), {}, ""
-    for item in ITEMS:
+    for item in ITEMS_BY_VERSION[version]:
         try:
-            src, how = find_source(item, release_dir, flags, vocoder)
+            src, how = find_source(item, release_dir, flags, vocoder, doc, version)
         except Missing as e:
             missing.append(str(e))
             continue
         config = os.path.join(release_dir, item.release_config) if item.release_config else None
         found.append((item, src, how, config))
-    for item in ITEMS:
+    for item in ITEMS_BY_VERSION[version]:
         for opt, (_, name) in EXTRA_FILES.get(item.kind, {}).items():
             p = os.path.join(release_dir, name)
             if not os.path.isfile(p):
-                missing.append(f"{item.kind} {opt}: {p} is missing; fetch it with `{fetch_command(RELEASE_REPO, (name,), release_dir)}`")
+                missing.append(f"{item.kind} {opt}: {p} is missing; fetch it with "
+                               f"`{fetch_command(RELEASE_REPOS[version], (name,), release_dir)}`")
     if missing:
         raise ConvertError(f"{release_dir}: {len(missing)} source(s) not found, nothing was converted:\n  " + "\n  ".join(missing))
-    src = next(src for item, src, _, _ in found if item.kind == "bigvgan")
+    src, how = next((src, how) for item, src, how, _ in found if item.kind == "bigvgan")
+    if version == "2.5" and not how.startswith("in the Hugging Face cache"):
+        vocoder = ""  # infer_v2_5 loads hf_cache/bigvgan as it is; the repository name applies to the cache's copy only
     check_vocoder(src, vocoder, doc, cfg_path)
     return found, cfg_path, doc
 
@@ -307,11 +360,16 @@ def _same_file(rec: dict, path: str) -> bool:
     return HASHES.digest(path) == rec.get("sha256")
 
 
-def _inputs(item: Item, located: tuple[str, str | None], release_dir: str) -> tuple[dict[str, str], dict[str, str]]:
+def _fingerprint(kind: str, version: str) -> str:
+    return converter_fingerprint(kind) if version == family.DEFAULT else converter_fingerprint(kind, version)
+
+
+def _inputs(item: Item, located: tuple[str, str | None], release_dir: str,
+            version: str = family.DEFAULT) -> tuple[dict[str, str], dict[str, str]]:
     """({role: path} of every input file, extra options) for one item."""
     from . import engine
 
-    mod = engine.model_module(item.kind)
+    mod = engine.model_module(item.kind, version)
     extra = _extra(item, release_dir)
     src_file, cfg_file = located
     files = {"checkpoint": src_file}
@@ -326,14 +384,14 @@ def _extra(item: Item, release_dir: str) -> dict[str, str]:
     return {opt: os.path.join(release_dir, f) for opt, (_, f) in EXTRA_FILES.get(item.kind, {}).items()}
 
 
-def _hash_ahead(items, release_dir: str, old: dict, out_dir: str, options_of) -> None:
+def _hash_ahead(items, release_dir: str, old: dict, out_dir: str, options_of, version: str = family.DEFAULT) -> None:
     """Ask for the sha256 of every source that may need converting, in conversion
     order, before torch is imported.  Torch-free and cheap: an output whose manifest
     entry has the same options, an unchanged output file and a checkpoint of the same
     path, size and mtime is left out (the exact up-to-date test comes later)."""
     for item, (src_file, cfg_file) in items:
         entry = old["files"].get(item.out) or {}
-        if (entry.get("options") == options_of(item) and entry.get("fingerprint") == converter_fingerprint(item.kind)
+        if (entry.get("options") == options_of(item) and entry.get("fingerprint") == _fingerprint(item.kind, version)
                 and _written_unchanged(entry, os.path.join(out_dir, item.out))
                 and _same_stat(entry.get("sources", {}).get("checkpoint", {}), src_file)):
             continue
@@ -351,7 +409,7 @@ def _written_unchanged(entry: dict | None, out_path: str) -> bool:
 def up_to_date(entry: dict | None, files: dict[str, str], out_path: str, options: dict) -> bool:
     if not entry or entry.get("options") != options or entry.get("converter_version") != CONVERTER_VERSION:
         return False
-    if entry.get("fingerprint") != converter_fingerprint(entry.get("model", "")):
+    if entry.get("fingerprint") != _fingerprint(entry.get("model", ""), entry.get("family_version", family.DEFAULT)):
         return False  # the converter, its ops or its schema section changed since
     if entry.get("schema_version") != schema.schema_version():
         return False
@@ -367,14 +425,14 @@ def _options(item: Item, dtype: str, allow_nonfinite: bool, choices: dict[str, s
     return {"dtype": dtype, "allow_nonfinite": allow_nonfinite, **model_opts}, model_opts
 
 
-def planned_configs(plan) -> dict[str, dict]:
+def planned_configs(plan, version: str = family.DEFAULT) -> dict[str, dict]:
     """Each item's metadata config, computed from its config file without reading
     tensors (``load_config`` + ``runtime_config``), for the cross-file rules."""
     from . import engine
 
     out = {}
     for item, src, config, files, extra, model_opts in plan:
-        mod = engine.model_module(item.kind)
+        mod = engine.model_module(item.kind, version)
         cfg_file = files.get("config")
         out[item.kind] = mod.runtime_config(mod.load_config(cfg_file), cfg_file, **model_opts)
     return out
@@ -389,41 +447,49 @@ def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dt
         raise ConvertError(f"{release_dir}: release folder not found")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConvertError(f"{out_dir}: exists and is not a folder")
-    found, cfg_path, doc = discover(release_dir, flags)  # every source, before converting anything
+    version, why = release_version(release_dir)
+    found, cfg_path, doc = discover(release_dir, flags, version)  # every source, before converting anything
+    echo(f"release: {family.label(version)} ({why}; the GPT's and codec's tensors are checked against it; "
+         "config.yaml's version key is not read)")
     for item, src, how, _ in found:
         echo(f"{item.kind}: {src} ({how})")
-    copies, absent = bundle.find(release_dir, doc)
+    if version == "2.5":
+        for rel in UNUSED_2_5:
+            if os.path.exists(os.path.join(release_dir, rel)):
+                echo(f"{rel}: not converted (the MaskGCT semantic codec; IndexTTS-2.5 runs {family.CODEC_2_5})")
+    copies, absent = bundle.find(release_dir, doc, version)
     for role, why in absent.items():
         echo(f"{role}: absent ({why})")
     found = [(item, src, config) for item, src, _, config in found]
     old = read_manifest(out_dir) or {"files": {}}
     located = {item.kind: locate(item.kind, src, config) for item, src, config in found}  # once per model
     _hash_ahead([(item, located[item.kind]) for item, _, _ in found], release_dir, old, out_dir,
-                lambda item: _options(item, dtype, allow_nonfinite, choices)[0])
+                lambda item: _options(item, dtype, allow_nonfinite, choices)[0], version)
     HASHES.prefetch([os.path.join(release_dir, f) for role, (_, files) in copies.items() for f in files
                      if not _same_stat(((old.get("bundle") or {}).get(role) or {}).get("files", {}).get(f, {}).get("source", {}),
                                        os.path.join(release_dir, f))])
 
     from . import engine  # imports torch (about a second, while the hashing runs)
 
-    for item in ITEMS:
-        engine.model_module(item.kind)  # a converter that does not exist yet fails before any work
-    plan = [(item, src, config, *_inputs(item, located[item.kind], release_dir), _options(item, dtype, allow_nonfinite, choices)[1])
+    for item in ITEMS_BY_VERSION[version]:
+        engine.model_module(item.kind, version)  # a converter that does not exist yet fails before any work
+    plan = [(item, src, config, *_inputs(item, located[item.kind], release_dir, version),
+             _options(item, dtype, allow_nonfinite, choices)[1])
             for item, src, config in found]
-    configs = planned_configs(plan)
+    configs = planned_configs(plan, version)
     names = {item.kind: files["checkpoint"] for item, _, _, files, _, _ in plan}
     problems = pipeline.cross_file_problems(configs, names)
     if problems:
         raise ConvertError(f"{release_dir}: the sources do not belong together, nothing was converted:\n  " + "\n  ".join(problems))
     os.makedirs(out_dir, exist_ok=True)
     manifest = {"manifest_version": MANIFEST_VERSION, "schema": schema.SCHEMA_NAME, "schema_version": schema.schema_version(),
-                "converter_version": CONVERTER_VERSION,
+                "converter_version": CONVERTER_VERSION, "family": family.FAMILY, "family_version": version,
                 "options": {"dtype": dtype, "allow_nonfinite": allow_nonfinite, **choices}, "files": {}}
     for item, src, config, files, extra, _ in plan:
         out_path = os.path.join(out_dir, item.out)
         entry = old["files"].get(item.out)
         options, model_opts = _options(item, dtype, allow_nonfinite, choices)
-        if up_to_date(entry, files, out_path, options):
+        if up_to_date(entry, files, out_path, options) and entry.get("family_version", family.DEFAULT) == version:
             echo(f"up to date: {out_path}")
             manifest["files"][item.out] = entry
             continue
@@ -431,7 +497,7 @@ def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dt
         ours = _written_unchanged(entry, out_path)
         # The output's sha256 is computed while it is written (no second read).
         p, digest = engine.convert(item.kind, src, out_path, config, dtype, force or ours, quiet, allow_nonfinite, extra,
-                                   model_opts, hash_output=True, located=located[item.kind])
+                                   model_opts, hash_output=True, located=located[item.kind], family_version=version)
         digests = {"checkpoint": p.source["sha256"], **{k: v["sha256"] for k, v in p.source.get("extra", {}).items()}}
         st = os.stat(out_path)
         manifest["files"][item.out] = {
@@ -441,22 +507,24 @@ def convert_all(release_dir: str, out_dir: str, flags: dict[str, str | None], dt
             "mtime_ns": st.st_mtime_ns,
             "schema_version": schema.schema_version(),
             "converter_version": CONVERTER_VERSION,
-            "fingerprint": converter_fingerprint(item.kind),
+            "family_version": version,
+            "fingerprint": _fingerprint(item.kind, version),
             "options": options,
             "sources": {role: fingerprint(f, digests.get(role)) for role, f in files.items()},
         }
-        echo(f"wrote {out_path} ({item.kind}, {len(p.plan.entries)} tensors, {len(p.plan.dropped)} dropped)")
+        echo(f"wrote {out_path} ({item.kind}, {family.label(version)}, {len(p.plan.entries)} tensors, {len(p.plan.dropped)} dropped)")
         write_manifest(out_dir, {**old, **manifest, "files": {**old["files"], **manifest["files"]}})
-    manifest["bundle"] = copy_bundle(release_dir, out_dir, copies, old.get("bundle", {}), force, echo)
+    manifest["bundle"] = copy_bundle(release_dir, out_dir, copies, old.get("bundle", {}), force, echo, version)
     manifest["absent"] = absent
     w2v_src = next(src for item, src, _ in found if item.kind == "w2v-bert")
     w2v_folder = w2v_src if os.path.isdir(w2v_src) else os.path.dirname(os.path.abspath(w2v_src))
-    manifest["pipeline"] = pipeline.build(configs, w2v_folder)
+    manifest["pipeline"] = pipeline.build(configs, w2v_folder, version)
     write_manifest(out_dir, manifest)
     return manifest
 
 
-def copy_bundle(release_dir: str, out_dir: str, copies: dict, old: dict, force: bool, echo) -> dict:
+def copy_bundle(release_dir: str, out_dir: str, copies: dict, old: dict, force: bool, echo,
+                version: str = family.DEFAULT) -> dict:
     """Hard-link (or copy) the tokenizer and emotion classifier into OUT; their manifest
     entries.  A role whose sources and outputs are unchanged since the manifest is left
     as it is."""
@@ -476,7 +544,7 @@ def copy_bundle(release_dir: str, out_dir: str, copies: dict, old: dict, force: 
             if os.path.lexists(outs[f]) and not force and not (f in prev.get("files", {}) and os.path.isfile(outs[f])):
                 raise ConvertError(f"{outs[f]}: already exists and is not in the manifest; pass --force to replace it")
         how = {f: bundle.place(srcs[f], outs[f]) for f in files}
-        desc = next(c.description for c in bundle.COPIED if c.role == role)
+        desc = next(c.description for c in bundle.copied(version) if c.role == role)
         entries[role] = {
             "path": rel,
             "role": desc,
@@ -519,6 +587,8 @@ def check_manifest(out_dir: str, full_hash: bool = False) -> list[str]:
             errs.append(f"{where}: {n} holds model {md.get('model')!r}, the manifest says {e.get('model')!r}")
         if md.get("schema_version") != str(e.get("schema_version")):
             errs.append(f"{where}: {n} has schema version {md.get('schema_version')}, the manifest says {e.get('schema_version')}")
+        if "family_version" in e and family.file_version(md) != e["family_version"]:
+            errs.append(f"{where}: {n} is {family.label(family.file_version(md))}, the manifest says {family.label(e['family_version'])}")
         try:
             src_sha = json.loads(md.get("source", "{}")).get("sha256")
         except ValueError:
@@ -543,7 +613,7 @@ def cross_file_problems(out_dir: str) -> list[str]:
     """The pipeline's cross-file rules on the canonical files of a folder (headers only)."""
     from . import st_header
 
-    configs, files = {}, {}
+    configs, files, versions = {}, {}, {}
     for n in sorted(os.listdir(out_dir)):
         p = os.path.join(out_dir, n)
         if not n.endswith(".safetensors") or not os.path.isfile(p):
@@ -553,6 +623,7 @@ def cross_file_problems(out_dir: str) -> list[str]:
             if md.get("schema") != schema.SCHEMA_NAME or "model" not in md:
                 continue
             configs[md["model"]], files[md["model"]] = json.loads(md.get("config", "{}")), p
+            versions[md["model"]] = family.file_version(md)
         except (ConvertError, ValueError):
             continue  # reported by the file's own check
-    return pipeline.cross_file_problems(configs, files)
+    return pipeline.cross_file_problems(configs, files, versions)

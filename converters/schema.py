@@ -28,12 +28,15 @@ from functools import lru_cache
 
 from reference.header import FLOAT_DTYPES  # noqa: F401 (the file-dtype names, one table)
 
-from . import opspec, templates
+from . import family, opspec, templates
 from .errors import ConvertError
 
 SCHEMA_NAME = "indextts2-canonical"
 SCHEMA_FILE = "canonical_schema.json"
 REQUIRED_METADATA = ("schema", "schema_version", "model", "config", "source", "converter_version", "provenance", "dropped", "dtype")
+# Added in 2.1 (IndexTTS-2.5), written into every file since; a file without them (every
+# 2.0 file) is family_version 2.0.
+FAMILY_METADATA = ("family", "family_version")
 
 
 def _schema_path() -> str:
@@ -128,11 +131,18 @@ def version_problem(found, pin: str | None = None) -> str | None:
     return None
 
 
-def model_spec(kind: str) -> dict:
+def model_spec(kind: str, family_version: str = family.DEFAULT) -> dict:
+    """The section of ``kind`` for files of ``family_version``: ``models["<kind>@<version>"]``
+    where the layout differs by version, else ``models[kind]``."""
     models = load_schema()["models"]
     if kind not in models:
         raise ConvertError(f"{SCHEMA_PATH}: no schema for model {kind!r}")
-    return models[kind]
+    return models[family.section(kind, family_version, models)]
+
+
+def kind_sections(kind: str) -> dict[str, dict]:
+    """Every section of ``kind`` (``kind`` and each ``kind@version``), by key."""
+    return {k: v for k, v in load_schema()["models"].items() if k == kind or k.startswith(kind + "@")}
 
 
 # ------------------------------------------------------------ expressions
@@ -212,14 +222,14 @@ def full_precision(file_dtype: str) -> str:
     return "F64" if file_dtype == "F64" else "F32"
 
 
-def dtype_classes(kind: str, config: dict) -> dict[str, str]:
+def dtype_classes(kind: str, config: dict, family_version: str = family.DEFAULT) -> dict[str, str]:
     """Each expected tensor's dtype class (``float``, ``float32`` or a fixed dtype)."""
-    return {name: e["dtype"] for name, e in expected_tensors(kind, config).items()}
+    return {name: e["dtype"] for name, e in expected_tensors(kind, config, family_version).items()}
 
 
-def expected_tensors(kind: str, config: dict) -> dict[str, dict]:
+def expected_tensors(kind: str, config: dict, family_version: str = family.DEFAULT) -> dict[str, dict]:
     """name -> {"shape": [...], "dtype": class, "env": loop values} for this config."""
-    spec = model_spec(kind)
+    spec = model_spec(kind, family_version)
     env = dict(config)
     for k, expr in spec.get("let", {}).items():
         env[k] = evaluate(expr, env)
@@ -238,7 +248,21 @@ def expected_tensors(kind: str, config: dict) -> dict[str, dict]:
 def check(kind: str, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str], where: str,
           pin: str | None = None) -> list[str]:
     """Every problem found, as messages naming ``where`` and the tensor.  Empty = pass.
-    ``pin``: the schema version a runtime supports (:func:`version_problem`)."""
+    ``pin``: the schema version a runtime supports (:func:`version_problem`).  A file
+    that fails its family version's section but fits another's is told so."""
+    errs = _check(kind, tensors, metadata, where, pin)
+    said = metadata.get("family_version")
+    if errs and said in (None, *family.VERSIONS) and len(kind_sections(kind)) > 1:
+        says = f"says family_version {said}" if said else f"has no family_version (read as {family.DEFAULT})"
+        for other in family.VERSIONS:
+            if other != (said or family.DEFAULT) and not _check(kind, tensors, {**metadata, "family_version": other}, where, pin):
+                errs.insert(0, f"{where}: its tensors and config are an {family.label(other)} {kind}'s, but its metadata "
+                               f"{says}: a file of one release never passes as the other's")
+    return errs
+
+
+def _check(kind: str, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str], where: str,
+           pin: str | None = None) -> list[str]:
     errs: list[str] = []
     for key in REQUIRED_METADATA:
         if key not in metadata:
@@ -252,6 +276,9 @@ def check(kind: str, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: 
         return [f"{where}: {problem}"]
     if metadata["model"] != kind:
         return [f"{where}: metadata says model {metadata['model']!r}, expected {kind!r}"]
+    fv, errs = _family(metadata, where)
+    if errs:
+        return errs
     parsed = {}
     for key in ("config", "provenance", "dropped", "source"):
         try:
@@ -264,7 +291,7 @@ def check(kind: str, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: 
     if errs:
         return errs
     config, prov = parsed["config"], parsed["provenance"]
-    spec = model_spec(kind)
+    spec = model_spec(kind, fv)
     for key, typ in spec["config"].items():
         optional = typ.endswith("?")  # "int?": a key a minor version added; older files may lack it
         typ = typ.rstrip("?")
@@ -282,9 +309,9 @@ def check(kind: str, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: 
     if file_dtype not in FLOAT_DTYPES:
         errs.append(f"{where}: metadata dtype {file_dtype!r} is not a float dtype")
     try:
-        expected = expected_tensors(kind, config)
+        expected = expected_tensors(kind, config, fv)
     except (Unbound, KeyError, IndexError, TypeError, ValueError) as e:
-        return [f"{where}: the config does not fit the schema for {kind}: {e!r}"]
+        return [f"{where}: the config does not fit the schema for {kind} ({family.label(fv)}): {e!r}"]
     for name in sorted(set(expected) - set(tensors)):
         errs.append(f"{where}: missing tensor {name!r}")
     for name in sorted(set(tensors) - set(expected)):
@@ -326,6 +353,17 @@ def check(kind: str, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: 
     if not all(isinstance(v, str) for v in parsed["dropped"].values()):
         errs.append(f"{where}: metadata 'dropped' must map names to reasons")
     return errs
+
+
+def _family(metadata: dict[str, str], where: str) -> tuple[str, list[str]]:
+    """(family_version, problems): files name their family and version since 2.1; a file
+    without them (every 2.0 file) is family_version 2.0."""
+    if "family" in metadata and metadata["family"] != family.FAMILY:
+        return "", [f"{where}: metadata family is {metadata['family']!r}, not {family.FAMILY!r}"]
+    fv = metadata.get("family_version", family.DEFAULT)
+    if fv not in family.VERSIONS:
+        return "", [f"{where}: metadata family_version is {fv!r}; this checker knows {', '.join(family.VERSIONS)}"]
+    return fv, []
 
 
 def _check_shape(where, name, exp, shape, env, free) -> list[str]:

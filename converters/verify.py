@@ -53,7 +53,9 @@ def canonical_kind(out_path: str):
 
 def verify(src_path: str, out_path: str, extra: dict[str, str] | None = None, on_row=lambda r: None) -> list[Row]:
     kind, header = canonical_kind(out_path)
-    mod = engine.model_module(kind)
+    from .family import file_version
+
+    mod = engine.model_module(kind, file_version(header.metadata))
     prov = json.loads(header.metadata["provenance"])
     config = json.loads(header.metadata["config"])
     src_file, _ = engine.locate(kind, src_path, None, need_config=False)

@@ -49,13 +49,25 @@ MODULES: dict[str, tuple[str, str]] = {
     "speaker-matrix": ("reference.matrices", "SPEAKER_ENTRIES"),
     "emotion-matrix": ("reference.matrices", "EMOTION_ENTRIES"),
 }
+# Models whose layout differs in an IndexTTS release version (the file's metadata
+# family_version; a file without one is 2.0), as the schema's "<kind>@<version>" sections.
+VERSIONED: dict[tuple[str, str], tuple[str, str]] = {
+    ("gpt", "2.5"): ("reference.gpt", "ENTRIES_2_5"),
+    ("semantic-codec", "2.5"): ("reference.semantic_codec", "ENTRIES_2_5"),
+}
 
 
-def entries(kind: str) -> tuple[Entry, ...]:
-    """The entry points of the reference forward for one canonical model kind."""
+def entries(kind: str, family_version: str | None = None) -> tuple[Entry, ...]:
+    """The entry points of the reference forward for one canonical model kind, in files
+    of ``family_version`` (None or "2.0": the 2.0 entries)."""
     import importlib
 
     if kind not in MODULES:
         raise KeyError(f"no reference forward for model {kind!r}; known: {', '.join(MODULES)}")
-    module, attr = MODULES[kind]
+    module, attr = VERSIONED.get((kind, family_version or "2.0"), MODULES[kind])
     return tuple(getattr(importlib.import_module(module), attr))
+
+
+def entries_for(w) -> tuple[Entry, ...]:
+    """The entry points for a loaded canonical file (its metadata model and family_version)."""
+    return entries(w.model, w.metadata.get("family_version"))

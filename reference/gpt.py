@@ -1,5 +1,7 @@
 """IndexTTS-2 GPT (``gpt.safetensors``, UnifiedVoice v2): speaker conditioning, the
 emotion vector, and one teacher-forced pass giving the mel latents and logits.
+IndexTTS-2.5 files (metadata ``family_version`` 2.5, schema section ``gpt@2.5``) have
+their own entry points, ``ENTRIES_2_5``, described after the 2.0 ones below.
 
 Entry points (inputs in float32; ids and lengths int64):
 
@@ -49,6 +51,25 @@ Tensors, by stack (``{i}`` GPT block, ``{b}`` Conformer block, ``{l}`` Perceiver
   ``proj_context`` (when ``has_proj_context``), ``layers.{l}.attn.to_q/to_k/to_v/to_out``,
   ``layers.{l}.ff.value/gate/out``, ``norm.gamma``.
 - ``emovec_layer`` (1024 -> model_dim), ``emo_layer``.
+
+IndexTTS-2.5 (``ENTRIES_2_5``; no speaker Conformer or Perceiver, no ``speed_emb``):
+
+- ``conditioning(w, style [B, speaker_embedding_dim])`` -> ``latents [B, 1, model_dim]``:
+  ``spk_emb_proj`` of the CAMPPlus style vector.  Upstream ``spk_emb_proj`` as
+  ``inference_speech`` applies it to ``campplus_embedding`` (``forward``'s
+  ``do_spk_cond`` path: ``spk_emb_proj(x).unsqueeze(1)``).
+- ``emovec``, ``merge_emovec``: as in 2.0.
+- ``forward_latents(w, cond_latents [B, 1, model_dim], emo_vec, text, text_lengths, codes,
+  code_lengths, lang [B])`` -> ``latents [B, Lm, model_dim]``, ``mel_logits [B, Lm + 2,
+  number_mel_codes]``: the sequence the 2.5 generation runs, teacher-forced.  Per item
+  ``[cond_latents + emo_vec, 0, 0, start_text, text[:length], stop_text, start_mel,
+  codes..., stop_mel, stop_mel]`` (``condition_zero_rows`` zero rows; codes framed as in
+  2.0), with ``lang_embedding[lang]`` added to every text position (start and stop
+  included) besides ``text_pos_embedding``; items are left-padded to one length and
+  padded positions are masked as keys (they attend to themselves only, and their
+  activations are recorded as zeros), as ``prepare_gpt_inputs`` pads the prompt and
+  masks it.  Upstream ``prepare_gpt_inputs(conds, text, langs)`` and the
+  ``GPT2InferenceModel`` forward that ``generate`` runs, given the codes at once.
 
 Activations recorded: ``<enc>.{b}`` (after Conformer block b), ``<per>.{l}`` (latents
 after Perceiver layer l), ``gpt.{i}`` (after GPT-2 block i, before ``gpt.ln_f``), and
@@ -244,27 +265,35 @@ def merge_emovec(w, spk_feats, emo_feats, spk_lengths, emo_lengths, alpha, acts=
     return base + alpha * (emo - base)
 
 
-def gpt_block(w, p: str, cfg: dict, h):
-    """GPT-2 block: pre-LN causal self-attention and pre-LN MLP (gelu_new), both residual."""
+def gpt_block(w, p: str, cfg: dict, h, valid=None):
+    """GPT-2 block: pre-LN causal self-attention and pre-LN MLP (gelu_new), both residual.
+    ``valid`` [B, S] (2.5's left-padded prompts): padded keys are masked, except for
+    a padded query's own position (so no row is empty)."""
     eps, n = cfg["gpt_layer_norm_epsilon"], cfg["heads"]
     x = layer_norm(h, w, f"{p}.ln_1", eps)
     q, k, v = (_heads(linear(x, w, f"{p}.attn.{r}"), n) for r in "qkv")
     scores = (q @ k.transpose(-2, -1)) * cfg["head_dim"] ** -0.5
     s = scores.shape[-1]
     future = torch.ones(s, s, dtype=torch.bool, device=h.device).triu(1)  # key after query
+    if valid is not None:
+        eye = torch.eye(s, dtype=torch.bool, device=h.device)
+        future = future | (~valid[:, None, None, :] & ~eye)  # [B, 1, S, S]
     attn = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
     h = h + linear(_merge_heads(attn @ v), w, f"{p}.attn.out")
     x = layer_norm(h, w, f"{p}.ln_2", eps)
     return h + linear(F.gelu(linear(x, w, f"{p}.mlp.fc"), approximate="tanh"), w, f"{p}.mlp.proj")
 
 
-def gpt(w, h, acts=None):
+def gpt(w, h, acts=None, valid=None):
     """The GPT-2 stack on input embeddings ``[B, S, model_dim]`` (no position embedding
-    inside), ending with ``gpt.ln_f``."""
+    inside), ending with ``gpt.ln_f``.  ``valid`` [B, S]: positions that are not padding
+    (2.5); padded rows are zeroed after each block."""
     cfg = w.config
     _require(cfg, "gpt_activation", "gelu_new", "gpt")
     for i in range(cfg["layers"]):
-        h = gpt_block(w, f"gpt.h.{i}", cfg, h)
+        h = gpt_block(w, f"gpt.h.{i}", cfg, h, valid)
+        if valid is not None:
+            h = h.masked_fill(~valid.unsqueeze(-1), 0.0)
         record(acts, f"gpt.{i}", h)
     return layer_norm(h, w, "gpt.ln_f", cfg["gpt_layer_norm_epsilon"])
 
@@ -291,6 +320,46 @@ def forward_latents(w, cond_latents, emo_vec, text, text_lengths, codes, code_le
     m = _framed(codes, code_lengths, cfg["start_mel_token"], cfg["stop_mel_token"])
     mel_emb = w["mel_embedding.weight"][m] + w["mel_pos_embedding.weight"][: m.shape[1]]
     h = gpt(w, torch.cat([conds, text_emb, mel_emb], 1), acts)
+    mel = layer_norm(h[:, -m.shape[1]:], w, "final_norm", cfg["final_norm_eps"])
+    latents = mel[:, :-2]
+    logits = linear(mel, w, "mel_head")
+    record(acts, "latents", latents)
+    record(acts, "mel_logits", logits)
+    return latents, logits
+
+
+# ------------------------------------------------------------------ IndexTTS-2.5
+
+
+def speaker_conditioning(w, style, acts=None):
+    """2.5: the speaker latent ``[B, 1, model_dim]`` from the CAMPPlus style ``[B, 192]``."""
+    _require(w.config, "speaker_conditioning", "campplus", "gpt")
+    out = linear(style, w, "spk_emb_proj").unsqueeze(1)
+    record(acts, "latents", out)
+    return out
+
+
+def forward_latents_2_5(w, cond_latents, emo_vec, text, text_lengths, codes, code_lengths, lang, acts=None):
+    """2.5 teacher-forced pass: (``latents [B, Lm, d]``, ``mel_logits [B, Lm + 2, number_mel_codes]``)."""
+    cfg = w.config
+    b, d = cond_latents.shape[0], cfg["model_dim"]
+    conds = torch.cat([cond_latents + emo_vec.unsqueeze(1),
+                       cond_latents.new_zeros(b, cfg["condition_zero_rows"], d)], 1)
+    m = _framed(codes, code_lengths, cfg["start_mel_token"], cfg["stop_mel_token"])
+    mel_emb = w["mel_embedding.weight"][m] + w["mel_pos_embedding.weight"][: m.shape[1]]
+    width = conds.shape[1] + text.shape[1] + 2  # the longest prompt: conds, start, text, stop
+    rows, valid = [], []
+    for i in range(b):
+        n = int(text_lengths[i])
+        t = torch.cat([text.new_tensor([cfg["start_text_token"]]), text[i, :n], text.new_tensor([cfg["stop_text_token"]])])
+        text_emb = (w["text_embedding.weight"][t] + w["text_pos_embedding.weight"][: t.shape[0]]
+                    + w["lang_embedding.weight"][lang[i]])
+        prompt = torch.cat([conds[i], text_emb])
+        pad = width - prompt.shape[0]
+        rows.append(torch.cat([prompt.new_zeros(pad, d), prompt, mel_emb[i]]))
+        valid.append(torch.arange(width + m.shape[1], device=text.device) >= pad)
+    valid = torch.stack(valid)
+    h = gpt(w, torch.stack(rows), acts, valid)
     mel = layer_norm(h[:, -m.shape[1]:], w, "final_norm", cfg["final_norm_eps"])
     latents = mel[:, :-2]
     logits = linear(mel, w, "mel_head")
@@ -361,4 +430,52 @@ ENTRIES = (
           "emo_vec=emo_vec, use_speed=zeros(B)) as infer_v2 calls it (latents); mel_head of the same final_norm output (mel_logits)",
           ("cond_latents", "emo_vec", "text", "text_lengths", "codes", "code_lengths"), ("latents", "mel_logits"),
           _forward_inputs, _run_forward),
+)
+
+
+# ------------------------------------------------------------------ ENTRIES_2_5
+
+
+def _style_inputs(cfg, g):
+    return {"style": torch.randn(B, cfg["speaker_embedding_dim"], generator=g)}
+
+
+def _forward_inputs_2_5(cfg, g):
+    """Text ids other than the start/stop text tokens (the prompt builder strips those),
+    the second item 2 shorter (left-padded), and two language ids."""
+    d = cfg["model_dim"]
+    lt = min(L_TEXT, cfg["max_text_tokens"])
+    lm = min(L_CODES, cfg["max_mel_tokens"])
+    special = sorted({cfg["start_text_token"], cfg["stop_text_token"]})
+    text = torch.randint(0, cfg["number_text_tokens"] - len(special), (B, lt), generator=g)
+    for s in special:  # skip the special ids, keeping the draw uniform over the others
+        text = text + (text >= s).long()
+    return {
+        "cond_latents": torch.randn(B, 1, d, generator=g),
+        "emo_vec": torch.randn(B, d, generator=g),
+        "text": text,
+        "text_lengths": torch.tensor([lt, lt - 2], dtype=torch.int64),
+        "codes": torch.randint(0, min(cfg["start_mel_token"], cfg["stop_mel_token"]), (B, lm), generator=g),
+        "code_lengths": torch.tensor([lm, lm - 3], dtype=torch.int64),
+        "lang": torch.randint(0, len(cfg["languages"]), (B,), generator=g),
+    }
+
+
+def _run_forward_2_5(w, acts, **x):
+    latents, logits = forward_latents_2_5(w, acts=acts, **x)
+    return {"latents": latents, "mel_logits": logits}
+
+
+ENTRIES_2_5 = (
+    Entry("conditioning", "IndexTTS-2.5 UnifiedVoice.spk_emb_proj(campplus_embedding) as inference_speech applies it "
+          "(forward's do_spk_cond path: spk_emb_proj(x).unsqueeze(1))",
+          ("style",), ("latents",), _style_inputs,
+          lambda w, acts, style: {"latents": speaker_conditioning(w, style, acts)}),
+    ENTRIES[1],  # emovec
+    ENTRIES[2],  # merge_emovec
+    Entry("forward_latents", "IndexTTS-2.5 UnifiedVoice.prepare_gpt_inputs(cat(cond_latents + emo_vec, zeros(B, 2, d)), "
+          "text, langs) and the GPT2InferenceModel forward generate() runs, with the framed codes after start_mel "
+          "(mel_logits: lm_head = mel_head(final_norm(.)) of the mel positions; latents: final_norm of them, less the last two)",
+          ("cond_latents", "emo_vec", "text", "text_lengths", "codes", "code_lengths", "lang"), ("latents", "mel_logits"),
+          _forward_inputs_2_5, _run_forward_2_5),
 )

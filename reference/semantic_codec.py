@@ -34,6 +34,18 @@ Entry points (layouts as upstream returns them):
   ``semantic_codec.quantizer.vq2emb(codes.unsqueeze(1))``, i.e. ``ResidualVQ.vq2emb`` on
   ``[num_quantizers, B, T]`` codes (:func:`codes_to_embedding`).
 
+IndexTTS-2.5 files (metadata ``family_version`` 2.5, schema ``semantic-codec@2.5``;
+``EnhancedCodec``, ``codec.pth``) hold the decoding half instead: ``decoder.0`` (the same
+Vocos backbone), ``decoder.1``, the quantizers' ``codebook`` and ``out_project``, and ``up``
+(Conv1d, kernel ``up_kernel_size``, "same" padding).  Entry points (``ENTRIES_2_5``):
+
+- ``vq2emb(w, codes [1, T])`` -> ``emb [1, hidden_size, T]``: as in 2.0.
+- ``decode(w, codes [B, T])`` -> ``features [B, upsample_factor * T, hidden_size]``:
+  ``vq2emb``, the decoder backbone and Linear, each frame repeated ``upsample_factor``
+  times (nearest), then ``up``.  Upstream ``EnhancedCodec.decode(codes)``, what
+  infer_v2_5 runs on the GPT's codes (``S_infer``).  Activations: ``decoder.embed``,
+  ``decoder.convnext.<i>``, ``decoder``, ``upsampled``, all ``[B, T, C]``.
+
 Activations recorded: ``encoder.embed`` (after the input conv and norm),
 ``encoder.convnext.<i>`` (output of block i), ``encoder`` (the quantizer input), all
 ``[B, T, C]`` (time before channels, unlike upstream's ``[B, C, T]`` blocks), and
@@ -74,18 +86,24 @@ def convnext_block(w, prefix: str, x: torch.Tensor) -> torch.Tensor:
     return x + w[f"{prefix}.gamma"] * h
 
 
-def encode(w, x: torch.Tensor, acts: dict | None = None) -> torch.Tensor:
-    """The Vocos backbone plus output Linear: ``[B, T, hidden_size]`` -> ``[B, T, hidden_size]``."""
-    h = conv_same(x, w["encoder.0.embed.weight"], w["encoder.0.embed.bias"])
-    h = layer_norm(w, "encoder.0.norm", h)
-    record(acts, "encoder.embed", h)
+def backbone(w, stack: str, x: torch.Tensor, acts: dict | None = None) -> torch.Tensor:
+    """The Vocos backbone ``<stack>.0`` plus output Linear ``<stack>.1``:
+    ``[B, T, hidden_size]`` -> ``[B, T, hidden_size]``."""
+    h = conv_same(x, w[f"{stack}.0.embed.weight"], w[f"{stack}.0.embed.bias"])
+    h = layer_norm(w, f"{stack}.0.norm", h)
+    record(acts, f"{stack}.embed", h)
     for i in range(w.config["vocos_num_layers"]):
-        h = convnext_block(w, f"encoder.0.convnext.{i}", h)
-        record(acts, f"encoder.convnext.{i}", h)
-    h = layer_norm(w, "encoder.0.final_layer_norm", h)
-    h = linear(w, "encoder.1", h)
-    record(acts, "encoder", h)
+        h = convnext_block(w, f"{stack}.0.convnext.{i}", h)
+        record(acts, f"{stack}.convnext.{i}", h)
+    h = layer_norm(w, f"{stack}.0.final_layer_norm", h)
+    h = linear(w, f"{stack}.1", h)
+    record(acts, stack, h)
     return h
+
+
+def encode(w, x: torch.Tensor, acts: dict | None = None) -> torch.Tensor:
+    """The encoder backbone (2.0): ``[B, T, hidden_size]`` -> ``[B, T, hidden_size]``."""
+    return backbone(w, "encoder", x, acts)
 
 
 def in_project(w, q: int, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +169,18 @@ def vq2emb(w, codes: torch.Tensor, acts: dict | None = None) -> torch.Tensor:
     return emb
 
 
+def decode(w, codes: torch.Tensor, acts: dict | None = None) -> torch.Tensor:
+    """2.5 ``EnhancedCodec.decode``: codes ``[B, T]`` -> ``[B, upsample_factor * T, hidden_size]``."""
+    cfg = w.config
+    if cfg["upsample_mode"] != "nearest":
+        raise ValueError(f"semantic-codec: config upsample_mode = {cfg['upsample_mode']!r}; this reference implements 'nearest' only")
+    emb = codes_to_embedding(w, codes.unsqueeze(0)).transpose(1, 2)  # [B, T, hidden_size]
+    h = backbone(w, "decoder", emb, acts)
+    h = h.repeat_interleave(cfg["upsample_factor"], dim=1)  # nearest-neighbour upsampling over time
+    record(acts, "upsampled", h)
+    return conv_same(h, w["up.weight"], w["up.bias"])
+
+
 def _features(cfg, g):
     return {"x": torch.randn(2, 24, cfg["hidden_size"], generator=g)}
 
@@ -169,4 +199,16 @@ ENTRIES = (
           ("x",), ("codes", "quantized"), _features, _run_quantize),
     Entry("vq2emb", "indextts/infer_v2.py: semantic_codec.quantizer.vq2emb(codes.unsqueeze(1))",
           ("codes",), ("emb",), _codes, lambda w, acts, codes: {"emb": vq2emb(w, codes, acts)}),
+)
+
+
+def _batch_codes(cfg, g):
+    return {"codes": torch.randint(0, cfg["codebook_size"], (2, 12), generator=g, dtype=torch.int64)}
+
+
+ENTRIES_2_5 = (
+    ENTRIES[1],  # vq2emb
+    Entry("decode", "IndexTTS-2.5 EnhancedCodec.decode(codes): quantizer.vq2emb, decoder, F.interpolate(scale_factor=2, "
+          "mode='nearest'), up; infer_v2_5's S_infer = semantic_codec.decode(codes)",
+          ("codes",), ("features",), _batch_codes, lambda w, acts, codes: {"features": decode(w, codes, acts)}),
 )

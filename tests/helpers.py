@@ -95,7 +95,7 @@ def convert_in_process(kind: str, src, out, *, config=None, extra=None, options=
     return out
 
 
-def swap_rows(monkeypatch, kind: str, *pairs: tuple[str, str]) -> None:
+def swap_rows(monkeypatch, kind: str, *pairs: tuple[str, str], family_version: str = "2.0") -> None:
     """Make ``kind``'s table exchange the canonical names of each pair of row templates:
     each name moves together with its op and sources, so provenance stays consistent and
     ``check`` and the inverse-op round trip still pass.  Only a forward that reads
@@ -104,7 +104,7 @@ def swap_rows(monkeypatch, kind: str, *pairs: tuple[str, str]) -> None:
 
     from converters import engine
 
-    mod = engine.model_module(kind)
+    mod = engine.model_module(kind, family_version)
     original = mod.table
     swap = {a: b for a, b in pairs} | {b: a for a, b in pairs}
 

@@ -158,6 +158,9 @@ CASES = [
     ("emotion_matrix.safetensors", {"model_dim": 9}, "emotion-matrix model_dim == gpt model_dim", "emotion-matrix model_dim = 9"),
     ("semantic_codec.safetensors", {"codebook_size": 32}, "gpt mel codes other than start/stop", "semantic-codec codebook_size = 32"),
     ("w2v_bert.safetensors", {"hidden_size": 32}, "w2v-bert hidden_size == semantic-codec hidden_size", "w2v-bert hidden_size = 32"),
+    # a 2.0 GPT has no speaker_embedding_dim (the rule is 2.5's); the key, once there, is checked
+    ("gpt.safetensors", {"speaker_embedding_dim": 7}, "(2.5) campplus embedding_size == gpt speaker_embedding_dim",
+     "gpt speaker_embedding_dim = 7"),
 ]
 
 

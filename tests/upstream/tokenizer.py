@@ -25,3 +25,27 @@ def write_demo(release_dir: str, config: dict) -> None:
                                    normalization_rule_name="identity")  # no 240 KB NFKC table in a demo
     with open(os.path.join(release_dir, config["dataset"]["bpe_model"]), "wb") as f:
         f.write(model.getvalue())
+
+
+# ------------------------------------------------------------------ IndexTTS-2.5
+
+TIKTOKEN = "multilingual_zh_ja_yue_char_del.tiktoken"  # upstream get_tokenizer(multilingual=True)
+
+
+def write_tiktoken(release_dir: str) -> str:
+    """release_dir/multilingual_zh_ja_yue_char_del.tiktoken: tiktoken BPE ranks, one
+    ``base64(token) rank`` per line (the format upstream's ``get_encoding`` reads): the 256
+    single bytes, then a few merges of the demo words."""
+    import base64
+
+    tokens = [bytes([b]) for b in range(256)]
+    for w in WORDS:
+        for piece in (w, " " + w):
+            for i in range(2, len(piece) + 1):
+                t = piece[:i].encode()
+                if t not in tokens:
+                    tokens.append(t)
+    path = os.path.join(release_dir, TIKTOKEN)
+    with open(path, "w") as f:
+        f.writelines(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens))
+    return path

@@ -1,0 +1,124 @@
+"""Tiny upstream IndexTTS-2.5 GPT, saved in the release's layout.
+
+The oracle class is ``indextts25.gpt.model_v2.UnifiedVoice`` from the PyPI package
+``indextts25-inference`` 0.2.0 (IndexTTS-2.5's trimmed model code).  Its layout is
+upstream's ``indextts/gpt/model_v2_5.py`` (and ``model_v2.py`` with
+``spk_cond_mode="campplus"``, which infer_v2_5 builds) less ``text_head``, which the
+package does not build: :func:`release_state_dict` adds a ``text_head`` Linear
+(``model_dim -> number_text_tokens * types + 1``, upstream's shape, placed before
+``mel_head`` as upstream registers it), so the saved file has the release's 456-tensor
+layout.  The emotion Conformer's ``pe`` buffer is rounded through bfloat16, as the
+released gpt.pth stores it (upstream loads and runs with the stored values).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import torch
+import yaml
+
+from . import gpt as v2
+
+# 2.0's tiny gpt: section (the 2.5 config keeps condition_module, which 2.5 ignores).
+TINY = v2.config()
+
+
+def module():
+    from converters.forward import indextts25
+
+    return indextts25("gpt.model_v2")
+
+
+def config(**overrides) -> dict:
+    c = copy.deepcopy(TINY)
+    c.update(overrides)
+    return c
+
+
+def build(cfg: dict | None = None, seed: int = 0):
+    """An indextts25 UnifiedVoice with random weights everywhere, the emotion Conformer's
+    ``pe`` rounded through bfloat16, in eval mode; ``m.text_head`` is added (a random
+    Linear, as the release stores one)."""
+    mv = module()
+    cfg = cfg or TINY
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        m = mv.UnifiedVoice(**cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight", "gamma")) or ".norm_" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias") or "pos_bias" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / max(1, p.shape[-1]) ** 0.5)
+        pe = m.emo_conditioning_encoder.embed.pos_enc.pe
+        pe.copy_(pe.to(torch.bfloat16).to(pe.dtype))
+        rows = int(cfg["number_text_tokens"]) * int(cfg.get("types", 1)) + 1
+        m.text_head = torch.nn.Linear(int(cfg["model_dim"]), rows)
+        m.text_head.weight.copy_(torch.randn_like(m.text_head.weight) / int(cfg["model_dim"]) ** 0.5)
+        m.text_head.bias.copy_(0.2 * torch.randn_like(m.text_head.bias))
+    return m.eval()
+
+
+def release_state_dict(m) -> dict:
+    """The release's state dict: the module's, with ``text_head`` before ``mel_head``."""
+    out = {}
+    for k, v in m.state_dict().items():
+        if k.startswith("text_head."):
+            continue
+        if k == "mel_head.weight":
+            out["text_head.weight"] = m.text_head.weight.detach().clone()
+            out["text_head.bias"] = m.text_head.bias.detach().clone()
+        out[k] = v
+    return out
+
+
+def write_config(folder: str, cfg: dict | None = None) -> str:
+    path = os.path.join(folder, "config.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump({"gpt": copy.deepcopy(cfg or TINY)}, f, sort_keys=False)
+    return path
+
+
+def save_release(m, folder: str, cfg: dict | None = None, fmt: str = "pth", dtype: torch.dtype | None = None) -> str:
+    """As :func:`tests.upstream.gpt.save_release`, in 2.5's layout."""
+    os.makedirs(folder, exist_ok=True)
+    sd = release_state_dict(m)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        path = os.path.join(folder, "gpt.safetensors")
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    else:
+        path = os.path.join(folder, "gpt.pth")
+        torch.save(sd if fmt == "pth" else {"model": sd}, path)
+    write_config(folder, cfg)
+    return path
+
+
+# ------------------------------------------------------------------ demo release
+
+DEMO = copy.deepcopy(v2.DEMO)
+
+
+def demo_config() -> dict:
+    return {"gpt": copy.deepcopy(DEMO)}
+
+
+def write_demo(release_dir: str, config: dict) -> None:
+    """release_dir/gpt.pth as a plain state dict, float16 (as the 2.0 demo: the emotion
+    perceiver runs at dim 1024 whatever the config says)."""
+    m = build(config.get("gpt", DEMO), seed=0)
+    sd = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in release_state_dict(m).items()}
+    os.makedirs(release_dir, exist_ok=True)
+    torch.save(sd, os.path.join(release_dir, "gpt.pth"))
