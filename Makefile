@@ -38,9 +38,11 @@ test: $(VENV)/.dev
 
 # Full-size synthetic inputs (~7 GB, generated once into BENCH_CACHE) and the
 # measurements of issue 8; results in bench-results/.  Not a test: CI does not run it.
+# BENCH_RELEASE=2.5: the same on a synthetic IndexTTS-2.5 release (another ~6.6 GB).
 BENCH_CACHE ?= bench-cache
+BENCH_RELEASE ?= 2.0
 bench: $(VENV)/.dev
-	$(PY) -m bench.run --cache $(BENCH_CACHE) --results bench-results
+	$(PY) -m bench.run --cache $(BENCH_CACHE) --results bench-results --release $(BENCH_RELEASE)
 
 # Regenerate the committed demo releases (IndexTTS-2.0 and 2.5) from the upstream classes.
 demo: $(VENV)/.dev

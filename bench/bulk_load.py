@@ -26,7 +26,8 @@ over a grid of thread counts and piece sizes (a second call reuses pinned memory
 has cached, so those rows are a little optimistic).
 
 ``synth`` writes files with the layout of ``bench/full_size_layout.json`` (the large
-files at the released configs, see :mod:`bench.layout`) and random values, for a
+files at the released configs, see :mod:`bench.layout`; its ``files``, IndexTTS-2.0's
+four, not ``files@2.5``) and random values, for a
 machine that has no bench inputs (the GPU machine).  Only torch, safetensors and
 ``reference`` are needed.
 """

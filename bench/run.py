@@ -1,6 +1,6 @@
 """Measure the converter against its baselines (issue 8) and print a table.
 
-    python -m bench.run [--cache DIR] [--results DIR] [--runs N] [--size full|tiny]
+    python -m bench.run [--cache DIR] [--results DIR] [--runs N] [--size full|tiny] [--release 2.0|2.5]
 
 Every timed command runs in a fresh process, with a warm page cache (all inputs are
 read once first), and is repeated ``--runs`` times; the table shows the median.
@@ -31,6 +31,12 @@ Conversions and their copy baselines alternate, so a noisy neighbour hurts both.
 5. The reference loader (``reference/load.py``, issue 18): :mod:`bench.bulk_load` on the
    four large outputs, against ``load_file`` and the page-cache (and, on a GPU, the
    host-to-device) limits; cold too on a GPU.
+
+``--release 2.5`` (full size only) runs the same on the synthetic IndexTTS-2.5 release
+(``bench.inputs`` size ``full-2.5``, in ``CACHE/release-2.5``), and adds row 2 for the
+semantic codec: peak RssAnon of ``convert.py semantic-codec codec.pth`` (the ~405 MB of
+optimizer state beside the codec's ``model`` must never be read), against a naive
+``torch.load`` of the file.  Results go to ``latest-full-2.5.json``.
 """
 
 from __future__ import annotations
@@ -183,8 +189,8 @@ def median(xs: list[float]) -> float:
 # ------------------------------------------------------------------ measurements
 
 
-def bench_convert(release: str, work: str, runs: int, log) -> dict:
-    files = inputs.release_files(release)
+def bench_convert(release: str, work: str, runs: int, log, size: str = "full") -> dict:
+    files = inputs.release_files(release, size)
     out_gpt, copy_gpt = os.path.join(work, "gpt.safetensors"), os.path.join(work, "gpt.copy")
     out_all, copy_all = os.path.join(work, "all"), os.path.join(work, "all.copy")
     warm(files.values())
@@ -232,8 +238,8 @@ save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2])
 """
 
 
-def bench_memory(release: str, work: str, runs: int, log) -> dict:
-    src = inputs.release_files(release)["gpt"]
+def bench_memory(release: str, work: str, runs: int, log, size: str = "full") -> dict:
+    src = inputs.release_files(release, size)["gpt"]
     out = os.path.join(work, "gpt.safetensors")
     warm([src])
     conv = []
@@ -248,6 +254,41 @@ def bench_memory(release: str, work: str, runs: int, log) -> dict:
     return {
         "converter": {"runs": conv, "peak_rss_anon_mib": max(r["peak_rss_anon_mib"] for r in conv)},
         "naive": naive, "poll_interval_s": POLL_S,
+    }
+
+
+NAIVE_CODEC = """
+import sys, torch
+from safetensors.torch import save_file
+sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True)["model"]
+save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2])
+"""
+
+
+def bench_codec_memory(release: str, work: str, runs: int, log, size: str = "full-2.5") -> dict:
+    """Peak RssAnon of ``convert.py semantic-codec`` on a 2.5 ``codec.pth`` (its optimizer
+    state is never read), and of a naive converter that ``torch.load``s the whole file."""
+    src = inputs.release_files(release, size)["codec"]
+    out = os.path.join(work, "semantic_codec.safetensors")
+    warm([src])
+    conv = []
+    for i in range(runs):
+        rmtree(out)
+        conv.append(peak_anon([PY, CONVERT, "semantic-codec", src, out, "--quiet"]))
+        log(f"memory codec: run {i + 1}: {conv[-1]['peak_rss_anon_mib']} MiB anon, {conv[-1]['wall_s']} s")
+    rmtree(out)
+    naive = peak_anon([PY, "-c", NAIVE_CODEC, src, out])
+    log(f"memory naive codec: {naive['peak_rss_anon_mib']} MiB anon")
+    rmtree(out)
+    import torch
+
+    ck = torch.load(src, map_location="meta", weights_only=True, mmap=True)
+    nbytes = lambda x: sum(t.numel() * t.element_size() for t in x)  # noqa: E731
+    return {
+        "converter": {"runs": conv, "peak_rss_anon_mib": max(r["peak_rss_anon_mib"] for r in conv)},
+        "naive": naive, "poll_interval_s": POLL_S, "source_bytes": os.path.getsize(src),
+        "model_bytes": nbytes(ck["model"].values()),
+        "optimizer_bytes": nbytes(t for st in ck["optimizer"]["state"].values() for t in st.values()),
     }
 
 
@@ -323,11 +364,11 @@ print(json.dumps({"s": time.perf_counter() - t, "tensors": len(sd)}))
 """
 
 
-def bench_load(release: str, out_dir: str, runs: int, log, device: str = "cpu") -> dict:
+def bench_load(release: str, out_dir: str, runs: int, log, device: str = "cpu", size: str = "full") -> dict:
     sys.path.insert(0, ROOT)
     from converters import safetensors_io as stio
 
-    files = inputs.release_files(release)
+    files = inputs.release_files(release, size)
     res = {}
     for kind, name in OUT_NAMES.items():
         canon = os.path.join(out_dir, name)
@@ -363,6 +404,7 @@ def verdicts(r: dict) -> dict:
         "convert_all": c["all"]["ratio"] <= TARGETS["convert_ratio"],
         "memory_gpt": m["converter"]["peak_rss_anon_mib"] < TARGETS["memory_mib"],
         "check": k["median_s"] < TARGETS["check_s"],
+        **({"memory_codec": r["codec_memory"]["converter"]["peak_rss_anon_mib"] < TARGETS["memory_mib"]} if "codec_memory" in r else {}),
         **{f"load_{kind}": row["speedup"] >= TARGETS["load_speedup"] for kind, row in ld.items() if row["upstream_format"] == "pth"},
     }
 
@@ -378,6 +420,15 @@ def table(r: dict) -> str:
          f"cp+sync {c['all']['copy_median_s']:.2f} s", f"{c['all']['ratio']:.2f}x", f"<= {TARGETS['convert_ratio']}x: {mark('convert_all')}"),
         ("2. peak RssAnon, convert gpt.pth", f"{m['converter']['peak_rss_anon_mib']:.0f} MiB", "", "", f"< {TARGETS['memory_mib']} MiB: {mark('memory_gpt')}"),
         ("2. peak RssAnon, naive converter", f"{m['naive']['peak_rss_anon_mib']:.0f} MiB", "", "", "reference"),
+    ]
+    if "codec_memory" in r:
+        cm = r["codec_memory"]
+        rows += [
+            (f"2. peak RssAnon, convert codec.pth ({cm['source_bytes'] / 1e6:.0f} MB)", f"{cm['converter']['peak_rss_anon_mib']:.0f} MiB",
+             "", "", f"< {TARGETS['memory_mib']} MiB: {mark('memory_codec')}"),
+            ("2. peak RssAnon, naive codec converter", f"{cm['naive']['peak_rss_anon_mib']:.0f} MiB", "", "", "reference"),
+        ]
+    rows += [
         ("3. check, 4 outputs", f"{k['median_s']:.2f} s", "", "", f"< {TARGETS['check_s']:.0f} s: {mark('check')}"),
     ]
     for kind, row in ld.items():
@@ -404,25 +455,33 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--results", default="bench-results", help="Folder for the JSON results.")
     ap.add_argument("--runs", type=int, default=5, help="Runs per measurement (the median is reported).")
     ap.add_argument("--size", choices=("full", "tiny"), default="full", help="tiny: the smoke test's small inputs.")
+    ap.add_argument("--release", choices=("2.0", "2.5"), default="2.0",
+                    help="2.5: the synthetic IndexTTS-2.5 release (full size only), plus the codec's memory row.")
     args = ap.parse_args(argv)
+    if args.release == "2.5" and args.size != "full":
+        ap.error("--release 2.5 has full-size inputs only")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     cache = os.path.abspath(args.cache)
-    release = inputs.ensure(os.path.join(cache, "release" if args.size == "full" else "release-tiny"), args.size, log)
+    size = "full-2.5" if args.release == "2.5" else args.size
+    folder = {"full": "release", "tiny": "release-tiny", "full-2.5": "release-2.5"}[size]
+    release = inputs.ensure(os.path.join(cache, folder), size, log)
     work = os.path.join(cache, "work")
     rmtree(work)
     os.makedirs(work)
-    result: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "size": args.size, "runs": args.runs,
+    result: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "size": size, "runs": args.runs,
                     "machine": machine(cache)}
     log(f"machine: {describe(result['machine'])}")
     try:
-        result["convert"] = bench_convert(release, work, args.runs, log)
-        result["memory"] = bench_memory(release, work, args.runs, log)
+        result["convert"] = bench_convert(release, work, args.runs, log, size)
+        result["memory"] = bench_memory(release, work, args.runs, log, size)
+        if args.release == "2.5":
+            result["codec_memory"] = bench_codec_memory(release, work, args.runs, log, size)
         outs = os.path.join(work, "outputs")
         subprocess.run([PY, CONVERT, "all", "--src", release, "--out", outs, "--quiet"], check=True, stdout=subprocess.DEVNULL)
         result["check"] = bench_check(outs, args.runs if args.size == "tiny" else max(args.runs, 5), log)
-        result["load"] = bench_load(release, outs, args.runs, log)
+        result["load"] = bench_load(release, outs, args.runs, log, size=size)
         if result["machine"]["cuda"]:  # also on the GPU, where there is one
-            result["load"].update(bench_load(release, outs, args.runs, log, device="cuda"))
+            result["load"].update(bench_load(release, outs, args.runs, log, device="cuda", size=size))
         # issue 18: the reference loader against load_file and the machine's limits
         from . import bulk_load
 
@@ -435,14 +494,14 @@ def main(argv: list[str] | None = None) -> dict:
     result["table"] = table(result)
     os.makedirs(args.results, exist_ok=True)
     stamp = result["date"].replace(":", "")
-    for name in (f"bench-{args.size}-{stamp}.json", f"latest-{args.size}.json"):
+    for name in (f"bench-{size}-{stamp}.json", f"latest-{size}.json"):
         with open(os.path.join(args.results, name), "w") as f:
             json.dump(result, f, indent=2)
     print(f"Machine: {describe(result['machine'])}")
     print(result["table"])
     for res in result.get("bulk_load", {}).values():
         print(res["table"])
-    print(f"targets: {sum(ok.values())} of {len(ok)} met; JSON in {os.path.join(args.results, f'latest-{args.size}.json')}")
+    print(f"targets: {sum(ok.values())} of {len(ok)} met; JSON in {os.path.join(args.results, f'latest-{size}.json')}")
     return result
 
 

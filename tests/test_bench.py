@@ -53,3 +53,17 @@ def test_inputs_have_upstream_names_and_shapes(tmp_path):
     assert shapes(load_file(files["w2v-bert"])) == shapes(mods["w2v"].state_dict())
     bv = torch.load(files["bigvgan"], weights_only=True)["generator"]
     assert shapes(bv) == shapes(mods["bigvgan"].state_dict()) and any(k.endswith("weight_g") for k in bv)
+
+
+def test_release_2_5_inputs_are_full_size_only(tmp_path, capsys):
+    """``--release 2.5`` has no tiny inputs (its smoke coverage is the layout snapshot's
+    meta-device plan): refused before anything is generated."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        run.main(["--cache", str(tmp_path / "cache"), "--release", "2.5", "--size", "tiny"])
+    assert "--release 2.5 has full-size inputs only" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+    files = inputs.release_files("R", "full-2.5")  # the roles run.py reads exist for 2.5 too
+    assert {"gpt", "s2mel", "w2v-bert", "stats", "bigvgan", "codec"} <= set(files)
+    assert files["w2v-bert"] == os.path.join("R", "hf_cache", "w2v-bert-2.0", "model.safetensors")

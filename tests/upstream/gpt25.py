@@ -61,11 +61,18 @@ def build(cfg: dict | None = None, seed: int = 0):
                 p.copy_(torch.randn_like(p) / max(1, p.shape[-1]) ** 0.5)
         pe = m.emo_conditioning_encoder.embed.pos_enc.pe
         pe.copy_(pe.to(torch.bfloat16).to(pe.dtype))
-        rows = int(cfg["number_text_tokens"]) * int(cfg.get("types", 1)) + 1
-        m.text_head = torch.nn.Linear(int(cfg["model_dim"]), rows)
+        add_text_head(m, cfg)
         m.text_head.weight.copy_(torch.randn_like(m.text_head.weight) / int(cfg["model_dim"]) ** 0.5)
         m.text_head.bias.copy_(0.2 * torch.randn_like(m.text_head.bias))
     return m.eval()
+
+
+def add_text_head(m, cfg: dict):
+    """``m.text_head``: upstream's Linear ``model_dim -> number_text_tokens * types + 1``
+    (built in the current device context: on the meta device for the full-size bench)."""
+    rows = int(cfg["number_text_tokens"]) * int(cfg.get("types", 1)) + 1
+    m.text_head = torch.nn.Linear(int(cfg["model_dim"]), rows)
+    return m
 
 
 def release_state_dict(m) -> dict:

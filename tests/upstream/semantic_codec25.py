@@ -35,16 +35,42 @@ def build(config: dict | None = None, seed: int = 0) -> "OrderedDict[str, torch.
     rep = v2.build(cfg, seed=seed)
     h = cfg["hidden_size"]
     g = torch.Generator().manual_seed(seed + 1)
-    down = torch.nn.Conv1d(h, h, kernel_size=3, stride=2, padding=1)
-    up = torch.nn.Conv1d(h, h, kernel_size=3, stride=1, padding=1)
+    convs = resampling_convs(h)
     sd = OrderedDict()
-    for name, conv in (("down", down), ("up", up)):
+    for name, conv in convs.items():
         sd[f"{name}.weight"] = torch.randn(conv.weight.shape, generator=g) / (h * 3) ** 0.5
         sd[f"{name}.bias"] = 0.1 * torch.randn(conv.bias.shape, generator=g)
-    rsd = rep.state_dict()
+    return release_order(sd, rep.state_dict())
+
+
+def resampling_convs(hidden: int) -> dict:
+    """EnhancedCodec's ``down`` (Conv1d k3 s2 p1) and ``up`` (Conv1d k3 s1 p1), in the
+    current device context."""
+    return {"down": torch.nn.Conv1d(hidden, hidden, kernel_size=3, stride=2, padding=1),
+            "up": torch.nn.Conv1d(hidden, hidden, kernel_size=3, stride=1, padding=1)}
+
+
+def release_order(convs_sd: dict, rep_sd: dict) -> "OrderedDict[str, torch.Tensor]":
+    """codec.pth's ``model`` order: ``down``, ``up`` (``convs_sd``), then RepCodec's
+    ``encoder``, ``decoder``, ``quantizer`` (``rep_sd``)."""
+    sd = OrderedDict(convs_sd)
     for part in ("encoder.", "decoder.", "quantizer."):
-        sd.update((k, v.detach().clone()) for k, v in rsd.items() if k.startswith(part))
+        sd.update((k, v.detach().clone()) for k, v in rep_sd.items() if k.startswith(part))
     return sd
+
+
+def meta_state_dict(config: dict) -> "OrderedDict[str, torch.Tensor]":
+    """The release's ``model`` names, shapes and dtypes at ``config`` on the meta device
+    (no memory, no init): RepCodec's state dict plus ``down``/``up``, in release order."""
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated
+        rep = v2.module().RepCodec(cfg=OmegaConf.create(dict(config)))
+        convs = resampling_convs(int(config["hidden_size"]))
+    return release_order({f"{n}.{k}": v for n, c in convs.items() for k, v in c.state_dict().items()}, rep.state_dict())
 
 
 def optimizer_state(sd: dict, scale: int = 1) -> dict:
