@@ -85,20 +85,19 @@ def runtime_config(raw: dict, path: str) -> dict:
     return cfg
 
 
-def table(cfg: dict):
-    b = "encoder.0"
-    rows = [
-        row(f"{b}.embed.weight", "copy", f"{b}.embed.weight"),
-        row(f"{b}.embed.bias", "copy", f"{b}.embed.bias"),
-        row(f"{b}.norm.weight", "copy", f"{b}.norm.weight"),
-        row(f"{b}.norm.bias", "copy", f"{b}.norm.bias"),
-    ]
+def vocos_rows(b: str) -> list:
+    """A Vocos backbone at ``b`` (``encoder.0``; 2.5's ``decoder.0``), carried as it is:
+    the embed conv and its LayerNorm, the ConvNeXt blocks ``{i}``, the final LayerNorm."""
+    rows = [row(f"{b}.{p}", "copy", f"{b}.{p}") for p in ("embed.weight", "embed.bias", "norm.weight", "norm.bias")]
     for p in ("dwconv.weight", "dwconv.bias", "norm.weight", "norm.bias", "pwconv1.weight", "pwconv1.bias",
               "pwconv2.weight", "pwconv2.bias", "gamma"):
         rows.append(row(f"{b}.convnext.{{i}}.{p}", "copy", f"{b}.convnext.{{i}}.{p}"))
+    return rows + [row(f"{b}.final_layer_norm.{p}", "copy", f"{b}.final_layer_norm.{p}") for p in ("weight", "bias")]
+
+
+def table(cfg: dict):
+    rows = vocos_rows("encoder.0")
     rows += [
-        row(f"{b}.final_layer_norm.weight", "copy", f"{b}.final_layer_norm.weight"),
-        row(f"{b}.final_layer_norm.bias", "copy", f"{b}.final_layer_norm.bias"),
         row("encoder.1.weight", "copy", "encoder.1.weight"),
         row("encoder.1.bias", "copy", "encoder.1.bias"),
         row("quantizer.quantizers.{q}.codebook.weight", "copy", "quantizer.quantizers.{q}.codebook.weight"),

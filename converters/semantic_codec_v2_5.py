@@ -74,14 +74,8 @@ def runtime_config(raw: dict, path: str) -> dict:
 
 
 def table(cfg: dict):
-    b = "decoder.0"
-    rows = [row(f"{b}.{p}", "copy", f"{b}.{p}") for p in ("embed.weight", "embed.bias", "norm.weight", "norm.bias")]
-    for p in ("dwconv.weight", "dwconv.bias", "norm.weight", "norm.bias", "pwconv1.weight", "pwconv1.bias",
-              "pwconv2.weight", "pwconv2.bias", "gamma"):
-        rows.append(row(f"{b}.convnext.{{i}}.{p}", "copy", f"{b}.convnext.{{i}}.{p}"))
+    rows = v2.vocos_rows("decoder.0")
     rows += [
-        row(f"{b}.final_layer_norm.weight", "copy", f"{b}.final_layer_norm.weight"),
-        row(f"{b}.final_layer_norm.bias", "copy", f"{b}.final_layer_norm.bias"),
         row("decoder.1.weight", "copy", "decoder.1.weight"),
         row("decoder.1.bias", "copy", "decoder.1.bias"),
         row("quantizer.quantizers.{q}.codebook.weight", "copy", "quantizer.quantizers.{q}.codebook.weight"),

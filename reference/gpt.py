@@ -307,6 +307,16 @@ def _framed(ids, lengths, start: int, stop: int):
                       torch.full((b, 1), stop, dtype=ids.dtype, device=ids.device)], 1)
 
 
+def mel_outputs(w, h_mel, acts=None):
+    """From the GPT-2 outputs at the framed mel positions ``[B, Lm + 2, d]``: ``final_norm``,
+    then the latents (without the start/stop positions) and ``mel_head``'s logits."""
+    mel = layer_norm(h_mel, w, "final_norm", w.config["final_norm_eps"])
+    latents, logits = mel[:, :-2], linear(mel, w, "mel_head")
+    record(acts, "latents", latents)
+    record(acts, "mel_logits", logits)
+    return latents, logits
+
+
 def forward_latents(w, cond_latents, emo_vec, text, text_lengths, codes, code_lengths, acts=None):
     """Teacher-forced pass: (``latents [B, Lm, d]``, ``mel_logits [B, Lm + 2, number_mel_codes]``)."""
     cfg = w.config
@@ -320,12 +330,7 @@ def forward_latents(w, cond_latents, emo_vec, text, text_lengths, codes, code_le
     m = _framed(codes, code_lengths, cfg["start_mel_token"], cfg["stop_mel_token"])
     mel_emb = w["mel_embedding.weight"][m] + w["mel_pos_embedding.weight"][: m.shape[1]]
     h = gpt(w, torch.cat([conds, text_emb, mel_emb], 1), acts)
-    mel = layer_norm(h[:, -m.shape[1]:], w, "final_norm", cfg["final_norm_eps"])
-    latents = mel[:, :-2]
-    logits = linear(mel, w, "mel_head")
-    record(acts, "latents", latents)
-    record(acts, "mel_logits", logits)
-    return latents, logits
+    return mel_outputs(w, h[:, -m.shape[1]:], acts)
 
 
 # ------------------------------------------------------------------ IndexTTS-2.5
@@ -360,12 +365,7 @@ def forward_latents_2_5(w, cond_latents, emo_vec, text, text_lengths, codes, cod
         valid.append(torch.arange(width + m.shape[1], device=text.device) >= pad)
     valid = torch.stack(valid)
     h = gpt(w, torch.stack(rows), acts, valid)
-    mel = layer_norm(h[:, -m.shape[1]:], w, "final_norm", cfg["final_norm_eps"])
-    latents = mel[:, :-2]
-    logits = linear(mel, w, "mel_head")
-    record(acts, "latents", latents)
-    record(acts, "mel_logits", logits)
-    return latents, logits
+    return mel_outputs(w, h[:, -m.shape[1]:], acts)
 
 
 # ------------------------------------------------------------------ ENTRIES

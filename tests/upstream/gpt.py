@@ -95,11 +95,13 @@ def write_config(folder: str, cfg: dict | None = None) -> str:
     return path
 
 
-def save_release(m, folder: str, cfg: dict | None = None, fmt: str = "pth", dtype: torch.dtype | None = None) -> str:
+def save_release(m, folder: str, cfg: dict | None = None, fmt: str = "pth", dtype: torch.dtype | None = None,
+                 state_dict=None, config_writer=None) -> str:
     """fmt: "pth" (plain state dict, as the release), "wrapped" ({"model": sd}) or
-    "safetensors" (the naive dump ports make).  Writes config.yaml beside it."""
+    "safetensors" (the naive dump ports make).  Writes config.yaml beside it.
+    ``state_dict``/``config_writer`` replace this module's (2.5's builder passes its own)."""
     os.makedirs(folder, exist_ok=True)
-    sd = release_state_dict(m)
+    sd = (state_dict or release_state_dict)(m)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     if fmt == "safetensors":
@@ -110,7 +112,7 @@ def save_release(m, folder: str, cfg: dict | None = None, fmt: str = "pth", dtyp
     else:
         path = os.path.join(folder, "gpt.pth")
         torch.save(sd if fmt == "pth" else {"model": sd}, path)
-    write_config(folder, cfg)
+    (config_writer or write_config)(folder, cfg)
     return path
 
 

@@ -97,20 +97,7 @@ def write_config(folder: str, cfg: dict | None = None) -> str:
 
 def save_release(m, folder: str, cfg: dict | None = None, fmt: str = "pth", dtype: torch.dtype | None = None) -> str:
     """As :func:`tests.upstream.gpt.save_release`, in 2.5's layout."""
-    os.makedirs(folder, exist_ok=True)
-    sd = release_state_dict(m)
-    if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        path = os.path.join(folder, "gpt.safetensors")
-        save_file({k: v.contiguous() for k, v in sd.items()}, path)
-    else:
-        path = os.path.join(folder, "gpt.pth")
-        torch.save(sd if fmt == "pth" else {"model": sd}, path)
-    write_config(folder, cfg)
-    return path
+    return v2.save_release(m, folder, cfg, fmt, dtype, state_dict=release_state_dict, config_writer=write_config)
 
 
 # ------------------------------------------------------------------ demo release
