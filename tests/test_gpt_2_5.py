@@ -22,21 +22,13 @@ from converters import gpt_v2_5 as conv
 from converters.schema import check_file
 from reference import gpt as ref
 from tests.helpers import ROOT, back_to_upstream, convert_in_process, metadata, reference_load, run_cli, swap_rows
+from bench.inputs import released
 from tests.upstream import gpt25 as up
 
 DEMO = os.path.join(ROOT, "demo", "release-2.5")
 ENTRY = {e.name: e for e in ref.ENTRIES_2_5}
 # The released 2.5 gpt: section (IndexTTS-2.0's with 60,509 text tokens; 2.5 ignores condition_module).
-RELEASED = {
-    "model_dim": 1280, "max_mel_tokens": 1815, "max_text_tokens": 600, "heads": 20, "use_mel_codes_as_input": True,
-    "mel_length_compression": 1024, "layers": 24, "number_text_tokens": 60509, "number_mel_codes": 8194,
-    "start_mel_token": 8192, "stop_mel_token": 8193, "start_text_token": 0, "stop_text_token": 1,
-    "train_solo_embeddings": False, "condition_type": "conformer_perceiver",
-    "condition_module": {"output_size": 512, "linear_units": 2048, "attention_heads": 8, "num_blocks": 6,
-                         "input_layer": "conv2d2", "perceiver_mult": 2},
-    "emo_condition_module": {"output_size": 512, "linear_units": 1024, "attention_heads": 4, "num_blocks": 4,
-                             "input_layer": "conv2d2", "perceiver_mult": 2},
-}
+RELEASED = released("indextts2_5")["gpt"]
 
 
 @pytest.fixture(scope="module")

@@ -16,22 +16,14 @@ from converters import gpt as conv
 from converters.schema import check_file
 from reference import gpt as ref
 from tests.helpers import ROOT, convert_in_process, reference_load, swap_rows
+from bench.inputs import released
 from tests.upstream import gpt as up
 
 DEMO = os.path.join(ROOT, "demo", "release")
 ENTRY = {e.name: e for e in ref.ENTRIES}
 
 # The released checkpoint's gpt: section (IndexTTS-2 config.yaml), for the full-size input check.
-RELEASED = {
-    "model_dim": 1280, "max_mel_tokens": 1815, "max_text_tokens": 600, "heads": 20, "use_mel_codes_as_input": True,
-    "mel_length_compression": 1024, "layers": 24, "number_text_tokens": 12000, "number_mel_codes": 8194,
-    "start_mel_token": 8192, "stop_mel_token": 8193, "start_text_token": 0, "stop_text_token": 1,
-    "train_solo_embeddings": False, "condition_type": "conformer_perceiver",
-    "condition_module": {"output_size": 512, "linear_units": 2048, "attention_heads": 8, "num_blocks": 6,
-                         "input_layer": "conv2d2", "perceiver_mult": 2},
-    "emo_condition_module": {"output_size": 512, "linear_units": 1024, "attention_heads": 4, "num_blocks": 4,
-                             "input_layer": "conv2d2", "perceiver_mult": 2},
-}
+RELEASED = released("indextts2")["gpt"]
 
 
 def upstream_model(pth: str, cfg: dict):
