@@ -50,7 +50,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 from . import inputs
@@ -230,26 +229,30 @@ def bench_convert(release: str, work: str, runs: int, log, size: str = "full") -
     return res
 
 
+# The naive converters the memory rows compare with: torch.load the whole file (the
+# state dict under ``key`` if given), then save_file.
 NAIVE = """
 import sys, torch
 from safetensors.torch import save_file
 sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+if sys.argv[3]:
+    sd = sd[sys.argv[3]]
 save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2])
 """
 
 
-def bench_memory(release: str, work: str, runs: int, log, size: str = "full") -> dict:
-    src = inputs.release_files(release, size)["gpt"]
-    out = os.path.join(work, "gpt.safetensors")
+def _peak_memory(kind: str, src: str, work: str, runs: int, log, naive_key: str = "") -> dict:
+    """Peak RssAnon of ``convert.py KIND`` on ``src`` (``runs`` times) and of the naive converter."""
+    out = os.path.join(work, "out.safetensors")
     warm([src])
     conv = []
     for i in range(runs):
         rmtree(out)
-        conv.append(peak_anon([PY, CONVERT, "gpt", src, out, "--quiet"]))
-        log(f"memory gpt: run {i + 1}: {conv[-1]['peak_rss_anon_mib']} MiB anon")
+        conv.append(peak_anon([PY, CONVERT, kind, src, out, "--quiet"]))
+        log(f"memory {kind}: run {i + 1}: {conv[-1]['peak_rss_anon_mib']} MiB anon, {conv[-1]['wall_s']} s")
     rmtree(out)
-    naive = peak_anon([PY, "-c", NAIVE, src, out])
-    log(f"memory naive: {naive['peak_rss_anon_mib']} MiB anon")
+    naive = peak_anon([PY, "-c", NAIVE, src, out, naive_key])
+    log(f"memory naive {kind}: {naive['peak_rss_anon_mib']} MiB anon")
     rmtree(out)
     return {
         "converter": {"runs": conv, "peak_rss_anon_mib": max(r["peak_rss_anon_mib"] for r in conv)},
@@ -257,39 +260,21 @@ def bench_memory(release: str, work: str, runs: int, log, size: str = "full") ->
     }
 
 
-NAIVE_CODEC = """
-import sys, torch
-from safetensors.torch import save_file
-sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True)["model"]
-save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2])
-"""
+def bench_memory(release: str, work: str, runs: int, log, size: str = "full") -> dict:
+    return _peak_memory("gpt", inputs.release_files(release, size)["gpt"], work, runs, log)
 
 
 def bench_codec_memory(release: str, work: str, runs: int, log, size: str = "full-2.5") -> dict:
     """Peak RssAnon of ``convert.py semantic-codec`` on a 2.5 ``codec.pth`` (its optimizer
     state is never read), and of a naive converter that ``torch.load``s the whole file."""
     src = inputs.release_files(release, size)["codec"]
-    out = os.path.join(work, "semantic_codec.safetensors")
-    warm([src])
-    conv = []
-    for i in range(runs):
-        rmtree(out)
-        conv.append(peak_anon([PY, CONVERT, "semantic-codec", src, out, "--quiet"]))
-        log(f"memory codec: run {i + 1}: {conv[-1]['peak_rss_anon_mib']} MiB anon, {conv[-1]['wall_s']} s")
-    rmtree(out)
-    naive = peak_anon([PY, "-c", NAIVE_CODEC, src, out])
-    log(f"memory naive codec: {naive['peak_rss_anon_mib']} MiB anon")
-    rmtree(out)
+    res = _peak_memory("semantic-codec", src, work, runs, log, naive_key="model")
     import torch
 
     ck = torch.load(src, map_location="meta", weights_only=True, mmap=True)
     nbytes = lambda x: sum(t.numel() * t.element_size() for t in x)  # noqa: E731
-    return {
-        "converter": {"runs": conv, "peak_rss_anon_mib": max(r["peak_rss_anon_mib"] for r in conv)},
-        "naive": naive, "poll_interval_s": POLL_S, "source_bytes": os.path.getsize(src),
-        "model_bytes": nbytes(ck["model"].values()),
-        "optimizer_bytes": nbytes(t for st in ck["optimizer"]["state"].values() for t in st.values()),
-    }
+    return {**res, "source_bytes": os.path.getsize(src), "model_bytes": nbytes(ck["model"].values()),
+            "optimizer_bytes": nbytes(t for st in ck["optimizer"]["state"].values() for t in st.values())}
 
 
 def bench_check(out_dir: str, runs: int, log) -> dict:
