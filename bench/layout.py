@@ -38,9 +38,10 @@ SECTIONS = {"2.0": "files", "2.5": "files@2.5"}  # snapshot key of each release'
 
 
 def _meta_source(sd: dict, path: str):
+    from converters.arrays import torch_dtype_name
     from converters.sources import Source
 
-    return Source(path, "meta", {k: tuple(v.shape) for k, v in sd.items()}, {k: v.dtype for k, v in sd.items()})
+    return Source(path, "meta", {k: tuple(v.shape) for k, v in sd.items()}, {k: torch_dtype_name(v.dtype) for k, v in sd.items()})
 
 
 def _resolve(kind: str, sd: dict, cfg_file: str, family_version: str):
@@ -59,17 +60,18 @@ def _resolve(kind: str, sd: dict, cfg_file: str, family_version: str):
 def _summary(plans: dict) -> dict:
     """{file name: {"model", "dtype", "config", "tensors"}} of {kind: (plan, config)}, in file order."""
     from converters import schema
-    from converters.safetensors_io import DTYPES, st_dtype
+    from converters.arrays import is_float
+    from converters.st_header import ITEMSIZE
 
     out = {}
     for kind, (plan, config) in plans.items():
-        entries = sorted(plan.entries, key=lambda e: (-DTYPES[st_dtype(e.dtype)][1], e.name))
-        floats = sorted({st_dtype(e.dtype) for e in entries if e.dtype.is_floating_point})
+        entries = sorted(plan.entries, key=lambda e: (-ITEMSIZE[e.dtype], e.name))
+        floats = sorted({e.dtype for e in entries if is_float(e.dtype)})
         out[schema.model_spec(kind)["file"]] = {
             "model": kind,
             "dtype": floats[0],
             "config": json.loads(json.dumps(config)),
-            "tensors": [[e.name, st_dtype(e.dtype), list(e.shape)] for e in entries],
+            "tensors": [[e.name, e.dtype, list(e.shape)] for e in entries],
         }
     return out
 

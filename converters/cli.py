@@ -290,6 +290,7 @@ def inspect_cmd(path, config):
         if header is not None and header.metadata.get("schema") == schema.SCHEMA_NAME:
             _inspect_canonical(path, header)
             return
+    from . import arrays
     from .detect import detect
     from .sources import open_source
 
@@ -311,13 +312,13 @@ def inspect_cmd(path, config):
             click.echo(f"  note: {n}")
         if kind is None:
             for n in src.names():
-                click.echo(f"  {n} {list(src.shapes[n])} {str(src.dtypes[n]).replace('torch.', '')}")
+                click.echo(f"  {n} {list(src.shapes[n])} {arrays.name(src.dtypes[n])}")
             return
         try:
             p = engine.prepare(kind, file, config, hash_source=False, opened=src)
         except ConvertError as e:
             for n in src.names():
-                click.echo(f"  {n} {list(src.shapes[n])} {str(src.dtypes[n]).replace('torch.', '')}")
+                click.echo(f"  {n} {list(src.shapes[n])} {arrays.name(src.dtypes[n])}")
             raise ConvertError(f"cannot convert as {kind}: {e}") from None
         try:
             from .family import label

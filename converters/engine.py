@@ -14,9 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import torch
-
-from . import ops, schema
+from . import arrays, opspec, schema
 from . import safetensors_io as stio
 from .errors import ConvertError
 from .hashing import SERVICE as HASHES
@@ -25,7 +23,10 @@ from .registry import CONVERTER_VERSION, MODELS, locate, module_name
 from .sources import CombinedSource, Source, open_source
 from .table import Plan, resolve
 
-DTYPE_CHOICES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = {"keep": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# Set by tests to compute every tensor in torch, as before the numpy path, to show that
+# both give the same bytes.
+FORCE_TORCH = False
 
 
 def model_module(kind: str, family_version: str = family.DEFAULT):
@@ -39,19 +40,6 @@ def model_module(kind: str, family_version: str = family.DEFAULT):
         if e.name != name:
             raise
         raise ConvertError(f"the {kind} converter does not exist yet") from None
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether every element is finite.  Fast path: a NaN or an Inf anywhere makes the
-    sum NaN or Inf (IEEE addition never turns them finite again), so a finite sum
-    proves it, with one read and no temporary.  Only a non-finite sum (a bad value, or
-    finite values overflowing the sum) pays for the exact element-wise check, done in
-    slices so the bool temporary stays small."""
-    if bool(torch.isfinite(t.sum())):
-        return True
-    flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
-    step = 1 << 22
-    return all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step))
 
 
 def check_output_path(out: str, src_file: str, force: bool) -> None:
@@ -203,7 +191,7 @@ def _plan(kind, mod, src: Source, src_file: str, extra_files: dict[str, str], co
         "family_version": fv,
     }
     p = Prepared(kind, src, src_file, plan, config, meta, files, family_version=fv)
-    tensors = {e.name: (stio.st_dtype(e.dtype, e.name), e.shape) for e in plan.entries}
+    tensors = {e.name: (e.dtype, e.shape) for e in plan.entries}
     errs = schema.check(kind, tensors, p.metadata(), src_file)  # the header as it will be written
     if errs:
         raise ConvertError(f"{src_file}: the converted tensors would not match the schema:\n  " + "\n  ".join(errs[:20]))
@@ -221,8 +209,8 @@ def apply_dtype_policy(kind: str, plan: Plan, config: dict, fv: str = family.DEF
     except Exception:  # noqa: BLE001 - a config that does not fit the schema is reported by schema.check
         classes = {}
     policy = {e.name for e in plan.entries if classes.get(e.name) == "float32"}
-    floats = sorted({stio.st_dtype(e.dtype) for e in plan.entries if e.dtype.is_floating_point and e.name not in policy})
-    full = torch.float64 if floats == ["F64"] else torch.float32
+    floats = sorted({e.dtype for e in plan.entries if arrays.is_float(e.dtype) and e.name not in policy})
+    full = "F64" if floats == ["F64"] else "F32"
     for e in plan.entries:
         if e.name in policy:
             e.dtype = full
@@ -306,40 +294,63 @@ def convert(kind: str, src_path: str, out_path: str, config_path: str | None = N
     return p, digest
 
 
+def in_torch(p: Prepared) -> list[str]:
+    """The planned tensors computed in torch: regenerated ones, and those whose op chain
+    or cast numpy does not reproduce byte for byte (:func:`arrays.numpy_capable`).  The
+    rest are produced with numpy, and when this is empty torch is never imported."""
+    out = []
+    for e in p.plan.entries:
+        src = [p.src.dtypes[s] for s in e.sources]
+        if FORCE_TORCH or e.regenerate is not None or len(src) != 1 \
+                or not arrays.numpy_capable(opspec.parse(e.op), src, e.dtype):
+            out.append(e.name)
+    return out
+
+
 def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool, hash_output: bool = False) -> str | None:
     """Stream the planned tensors to ``out_path``.  The source digests go into the
     header: patched in at the end (the hash runs meanwhile), or, with ``hash_output``,
     awaited before the header is written so the output can be hashed as it streams."""
     from tqdm import tqdm
 
+    torch_names = set(in_torch(p))
+    torch = None
+    if torch_names:
+        import torch
+
+        from . import ops
+        from reference.load import DTYPES as TORCH_DTYPES
+
     def producer(e):
-        def produce() -> torch.Tensor:
+        def produce():
             if e.regenerate is not None:
-                t = e.regenerate(p.config)
-            else:
-                xs = [p.src.get(s) for s in e.sources]
-                try:
-                    t = ops.apply(e.op, xs)
-                except ops.OpError as err:
-                    raise ConvertError(f"{p.src_file}: {', '.join(e.sources)} -> {e.name}: {err}") from None
-            return t.to(e.dtype)
+                return e.regenerate(p.config).to(TORCH_DTYPES[e.dtype])
+            xs = [p.src.get(s) for s in e.sources]
+            src = [p.src.dtypes[s] for s in e.sources]
+            if e.name not in torch_names:
+                return arrays.apply_numpy(opspec.parse(e.op), xs[0], src[0], e.dtype)
+            try:
+                t = ops.apply(e.op, [arrays.to_torch(x, d) for x, d in zip(xs, src)])
+            except opspec.OpError as err:
+                raise ConvertError(f"{p.src_file}: {', '.join(e.sources)} -> {e.name}: {err}") from None
+            return t.to(TORCH_DTYPES[e.dtype])
         return produce
 
     def checker(e):
         # NaN/Inf are looked for in the output values, piece by piece as they are staged
         # (contiguous and in the CPU cache there: cheaper than a pass over the source).
-        if allow_nonfinite or not e.dtype.is_floating_point:
+        if allow_nonfinite or not arrays.is_float(e.dtype):
             return None
         cast = bool(e.sources) and p.src.dtypes[e.sources[-1]] != e.dtype
 
-        def check(staged: torch.Tensor) -> None:
-            if not all_finite(staged):
-                how = f" after the cast to {stio.st_dtype(e.dtype)}" if cast else ""
+        def check(staged) -> None:
+            if not arrays.all_finite(staged, e.dtype):
+                how = f" after the cast to {e.dtype}" if cast else ""
                 raise ConvertError(f"{p.src_file}: tensor {', '.join(e.sources) or e.name} has NaN or Inf values{how} "
                                    f"(-> {e.name}); pass --allow-nonfinite to convert anyway")
         return check
 
-    outs = [stio.OutTensor(e.name, stio.st_dtype(e.dtype, e.name), e.shape, producer(e), checker(e)) for e in p.plan.entries]
+    outs = [stio.OutTensor(e.name, e.dtype, e.shape, producer(e), checker(e)) for e in p.plan.entries]
     total = sum(o.nbytes for o in outs)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{p.kind} -> {os.path.basename(out_path)}",
                disable=True if quiet else None, leave=False)  # None: off when stderr is not a terminal
@@ -357,8 +368,9 @@ def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool, hash_o
     # The writer's copy threads (and the hashing child) are the parallelism here; torch's
     # own intra-op threads would only multiply them (measured: single-threaded sums and
     # transposes were faster on 2 cores), so each op runs on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(1)
     try:
         check = lambda: unchanged_sources(p)  # noqa: E731
         if hash_output:
@@ -368,5 +380,6 @@ def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool, hash_o
     except OSError as e:
         raise ConvertError(f"{out_path}: write failed: {e.strerror or e}; nothing was written there") from None
     finally:
-        torch.set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
         bar.close()

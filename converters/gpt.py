@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .configs import load_yaml_section, require
 from .errors import ConvertError
 from .table import WB, Drop, Row, keep, row
@@ -174,9 +172,12 @@ def runtime_config(raw: dict, path: str) -> dict:
     return cfg
 
 
-def sinusoid_table(max_len: int, d: int) -> torch.Tensor:
-    """The ``PositionalEncoding.pe`` table (without its leading batch dim):
+def sinusoid_table(max_len: int, d: int):
+    """The ``PositionalEncoding.pe`` table (without its leading batch dim), a torch
+    tensor (torch is imported only when a table is regenerated):
     pe[p, 2i] = sin(p * w_i), pe[p, 2i+1] = cos(p * w_i), w_i = exp(-2i * ln(10000) / d)."""
+    import torch
+
     pe = torch.zeros(max_len, d)
     position = torch.arange(0, max_len).unsqueeze(1)
     div_term = torch.exp(torch.arange(0, d, 2) * -(math.log(10000.0) / d))
@@ -188,7 +189,7 @@ def sinusoid_table(max_len: int, d: int) -> torch.Tensor:
 def _conformer_rows(stack: str, blk: str) -> list[Row]:
     e = f"{stack}.encoders.{{{blk}}}"
 
-    def regen(cfg: dict, stack=stack) -> torch.Tensor:
+    def regen(cfg: dict, stack=stack):
         c = cfg[stack]
         return sinusoid_table(c["pos_enc_max_len"], c["output_size"])
 

@@ -11,7 +11,7 @@ file's ``provenance``, so a reader (or ``verify``) can recompute or invert it.
 | transpose | 1 (2-D) | x.T | y.T |
 | squeeze(dim) | 1 | drop a size-1 dim | unsqueeze |
 | exp | 1 | exp(x) | log(y) |
-| sqrt | 1 | sqrt(x) | y**2 |
+| sqrt | 1 | sqrt(x), correctly rounded | y**2 |
 | split(dim,index,parts) | 1 | the index-th of ``parts`` equal chunks along dim | concatenate all chunks |
 | fold_weight_norm(dim) | 2: g, v | g * v / ||v|| (norm over every dim but ``dim``) | the folded weight itself |
 | fold_bn_weight(eps) | 3: conv w, bn weight, running_var | w * (weight / sqrt(var + eps)) per output channel (dim 0) | w, with an identity batch norm |
@@ -40,12 +40,18 @@ appear as the first step of a chain, with one exception: ``split`` may directly 
 into its parts: ``fold_weight_norm(dim=0)|split(dim=0,index=1,parts=2)``).
 Arithmetic is done in float32 (or float64 for float64 inputs) and cast to the output
 dtype by the caller.
+
+This module computes in torch; the converter runs the data-movement steps and ``sqrt``
+with numpy where that gives the same bytes (:mod:`arrays`), so this module, and torch,
+are only imported for what computes.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .arrays import from_torch, move
+from .arrays import sqrt as exact_sqrt
 from .opspec import BN_FOLDS, FIRST_ONLY, NORMALIZE, STEPS, OpError, Shape, Step, n_inputs, out_shape, parse  # noqa: F401
 
 
@@ -58,18 +64,12 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _apply_step(step: Step, xs: list[torch.Tensor]) -> torch.Tensor:
     x = xs[0]
-    if step.name == "copy":
-        return x
-    if step.name == "transpose":
-        return x.t()
-    if step.name == "squeeze":
-        return x.squeeze(step.arg("dim"))
+    if step.name in ("copy", "transpose", "squeeze", "split"):
+        return move(step, x)  # the one implementation, shared with the numpy path
     if step.name == "exp":
         return torch.exp(x.to(_work_dtype(x)))
-    if step.name == "sqrt":
-        return torch.sqrt(x.to(_work_dtype(x)))
-    if step.name == "split":
-        return torch.chunk(x, step.arg("parts"), dim=step.arg("dim"))[step.arg("index")]
+    if step.name == "sqrt":  # correctly rounded, as the numpy path (torch's CPU sqrt is not)
+        return torch.from_numpy(exact_sqrt(from_torch(x.to(_work_dtype(x)).contiguous())))
     if step.name == "fold_weight_norm":
         g, v = xs
         wd = torch.promote_types(_work_dtype(g), _work_dtype(v))

@@ -1,6 +1,6 @@
 """Reading ``.pth``/``.pt`` checkpoints safely: archive validation with bounded
-inflation, the stub scan of ``data.pkl``, the weights-only load, and page population
-of memory-mapped tensors.
+inflation, the stub scan of ``data.pkl``, the weights-only load (torch-free where the
+pickle allows, see :func:`load_arrays`), and page population of memory-mapped tensors.
 
 A zip checkpoint is validated before torch sees it (:func:`check_zip`):
 
@@ -39,8 +39,9 @@ import struct
 import sys
 import zipfile
 import zlib
+from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from .errors import ConvertError
 
@@ -223,6 +224,8 @@ def check_zip(path: str) -> bool:
 
 def load_pickle(path: str, mmap: bool):
     """torch.load with weights_only, whatever the environment says."""
+    import torch
+
     try:
         # weights_only is passed explicitly so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -246,6 +249,163 @@ def _unsupported_global(msg: str) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------ the torch-free reader
+
+# Storage classes the torch-free reader builds, with the safetensors dtype they hold.
+STORAGE_DTYPE = {
+    "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
+    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8", "ByteStorage": "U8",
+    "BoolStorage": "BOOL",
+}
+
+
+class NeedsTorch(Exception):
+    """The checkpoint uses something the torch-free reader does not build (a global
+    outside its list, another storage type, big-endian data): it is loaded with
+    ``torch.load(weights_only=True)`` instead, which accepts or refuses it as before."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One tensor of a checkpoint: its bytes as a numpy array (see :mod:`arrays`) and
+    its safetensors dtype name.  ``array`` is None for a dtype the converter does not
+    support (the table refuses such a tensor if a row uses it)."""
+
+    array: np.ndarray | None
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _Storage:
+    key: str
+    dtype: str
+    numel: int
+
+
+class _Global:
+    """A global the reader knows; calling it builds the plain value."""
+
+    def __init__(self, name: str, build):
+        self.name, self.build = name, build
+
+    def __call__(self, *args):
+        return self.build(*args)
+
+
+def load_arrays(path: str, mapped: bool) -> object:
+    """Unpickle a zip checkpoint (already validated by :func:`check_zip`) without torch.
+
+    The pickle may use only the globals ``torch.save`` writes for state dicts and
+    training checkpoints (``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2``,
+    ``_rebuild_parameter``, ``_rebuild_parameter_with_state`` and the typed storage
+    classes of :data:`STORAGE_DTYPE`); each tensor becomes a :class:`Stored` over its
+    storage record, a view of one private (copy-on-write) memory map of the file when
+    ``mapped`` (every storage record stored uncompressed), else of the record inflated
+    into memory.  A tensor whose offset, shape and strides reach outside its storage is
+    refused.  Anything else raises :class:`NeedsTorch` before a tensor is built."""
+    import collections
+    import mmap as mmap_mod
+
+    with zipfile.ZipFile(path) as z:
+        infos = {i.filename: i for i in z.infolist()}
+    pkl_name = next(n for n in infos if n.endswith("/data.pkl") or n == "data.pkl")
+    prefix = pkl_name[: -len("data.pkl")]
+    with open(path, "rb") as f:
+        order = infos.get(prefix + "byteorder")
+        if order is not None and read_record(path, f, order, MAX_PICKLE_BYTES) != b"little":
+            raise NeedsTorch("big-endian data")
+        pkl = read_record(path, f, infos[pkl_name], MAX_PICKLE_BYTES)
+        mm = mmap_mod.mmap(f.fileno(), 0, access=mmap_mod.ACCESS_COPY) if mapped else None
+        bases: dict[str, np.ndarray] = {}
+
+        def base(st: _Storage) -> np.ndarray:
+            if st.key not in bases:
+                info = infos[f"{prefix}data/{st.key}"]
+                dt = _np_dtype(st.dtype)
+                if mm is not None:
+                    bases[st.key] = np.ndarray((st.numel,), dt, buffer=mm, offset=_data_offset(path, f, info))
+                else:
+                    raw = bytearray(read_record(path, f, info, max(info.file_size, 1)))
+                    bases[st.key] = np.frombuffer(raw, dtype=dt, count=st.numel)
+            return bases[st.key]
+
+        def rebuild_tensor(storage, offset, size, stride, *rest):
+            if not isinstance(storage, _Storage):
+                raise ConvertError(f"{path}: a tensor in data.pkl is built from {type(storage).__name__}, not a storage")
+            size, stride = tuple(size), tuple(stride)
+            if not (isinstance(offset, int) and offset >= 0 and len(size) == len(stride)
+                    and all(isinstance(v, int) and v >= 0 for v in size + stride)):
+                raise ConvertError(f"{path}: malformed tensor in data.pkl (storage {storage.key!r}, offset {offset!r}, "
+                                   f"shape {list(size)}, strides {list(stride)})")
+            numel = 1
+            for d in size:
+                numel *= d
+            if numel and offset + sum((d - 1) * st for d, st in zip(size, stride)) >= storage.numel:
+                raise ConvertError(f"{path}: a tensor of shape {list(size)} (strides {list(stride)}, offset {offset}) "
+                                   f"reaches past the end of its storage {storage.key!r} ({storage.numel} elements); "
+                                   "the file is forged or damaged")
+            b = base(storage)
+            item = b.itemsize
+            if numel == 0:
+                return Stored(np.zeros(size, b.dtype), storage.dtype)
+            arr = np.ndarray(size, b.dtype, buffer=b, offset=offset * item, strides=tuple(st * item for st in stride))
+            return Stored(arr, storage.dtype)
+
+        def parameter(data, *rest):
+            return data
+
+        known = {
+            ("collections", "OrderedDict"): collections.OrderedDict,
+            ("torch._utils", "_rebuild_tensor_v2"): _Global("_rebuild_tensor_v2", rebuild_tensor),
+            ("torch._utils", "_rebuild_parameter"): _Global("_rebuild_parameter", parameter),
+            ("torch._utils", "_rebuild_parameter_with_state"): _Global("_rebuild_parameter_with_state", parameter),
+        }
+
+        class Reader(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module == "torch" and name in STORAGE_DTYPE:
+                    return _Global(name, None)
+                if (module, name) in known:
+                    return known[(module, name)]
+                raise NeedsTorch(f"{module}.{name}")
+
+            def persistent_load(self, pid):
+                if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+                    raise ConvertError(f"{path}: unexpected persistent id in data.pkl: {str(pid)[:80]}")
+                _, cls, key, _location, numel = pid
+                if not isinstance(cls, _Global) or cls.name not in STORAGE_DTYPE:
+                    raise NeedsTorch(f"storage type {getattr(cls, 'name', cls)}")
+                if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+                    raise ConvertError(f"{path}: malformed storage reference in data.pkl: {str(pid)[:80]}")
+                return _Storage(key, STORAGE_DTYPE[cls.name], numel)
+
+        try:
+            return Reader(io.BytesIO(pkl)).load()
+        except (ConvertError, NeedsTorch):
+            raise
+        except Exception as e:  # noqa: BLE001 - any other failure here means a damaged pickle
+            raise ConvertError(f"{path}: cannot unpickle checkpoint: {type(e).__name__}: {e}") from None
+
+
+def _np_dtype(dtype: str) -> np.dtype:
+    from .arrays import NUMPY
+
+    return NUMPY[dtype]
+
+
+def _data_offset(path: str, f, info: zipfile.ZipInfo) -> int:
+    """Where a stored record's bytes start in the file (after its local header)."""
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise ConvertError(f"{path}: zip record {info.filename}: no local header at its offset; the file is damaged")
+    n_name, n_extra = struct.unpack("<HH", local[26:30])
+    start = info.header_offset + 30 + n_name + n_extra
+    if start + info.file_size > os.path.getsize(path):
+        raise ConvertError(f"{path}: zip record {info.filename} lies past the end of the file; truncated")
+    return start
+
+
 # ------------------------------------------------------------------ page population
 
 # madvise advice that maps a range's pages in one call: Linux 5.14+ only.  None turns
@@ -254,14 +414,14 @@ MADV_POPULATE_READ: int | None = 22 if sys.platform.startswith("linux") else Non
 _madvise = None  # libc's madvise once looked up; False where unusable
 
 
-def populate(t: torch.Tensor) -> None:
-    """Map a memory-mapped tensor's pages in one call (MADV_POPULATE_READ) instead of
+def populate(x: np.ndarray) -> None:
+    """Map a memory-mapped array's pages in one call (MADV_POPULATE_READ) instead of
     one page fault per 4 KiB on first touch; page faults are costly in VMs and made
     transposed reads of mmap-backed tensors several times slower.  The pages stay
     file-backed (page cache), so no anonymous memory is used.  A no-op where the
     platform or kernel does not support it."""
     global _madvise
-    if _madvise is False or MADV_POPULATE_READ is None:
+    if _madvise is False or MADV_POPULATE_READ is None or x.size == 0:
         return
     if _madvise is None:
         try:
@@ -273,12 +433,11 @@ def populate(t: torch.Tensor) -> None:
         except Exception:  # noqa: BLE001 - no ctypes, no libc, no madvise: just skip
             _madvise = False
             return
-    st = t.untyped_storage()
-    ptr, n = st.data_ptr(), st.nbytes()
-    if n:
-        base = ptr & ~4095
-        if _madvise(base, ptr + n - base, MADV_POPULATE_READ) != 0:
-            import ctypes
+    ptr = x.__array_interface__["data"][0]
+    n = x.itemsize + sum((d - 1) * st for d, st in zip(x.shape, x.strides))  # strides are never negative here
+    base = ptr & ~4095
+    if _madvise(base, ptr + n - base, MADV_POPULATE_READ) != 0:
+        import ctypes
 
-            if ctypes.get_errno() == 22:  # EINVAL: kernel without MADV_POPULATE_READ
-                _madvise = False
+        if ctypes.get_errno() == 22:  # EINVAL: kernel without MADV_POPULATE_READ
+            _madvise = False

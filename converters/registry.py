@@ -27,7 +27,7 @@ CONVERTER_VERSION = "0.1.0"
 WRITER_FORMAT = 1
 # Modules every conversion's output depends on besides the model's own: the op code, the
 # table resolution, the template expander and the config readers.
-SHARED_MODULES = ("ops", "opspec", "table", "templates", "configs")
+SHARED_MODULES = ("arrays", "ops", "opspec", "table", "templates", "configs")
 
 MODELS: dict[str, str] = {
     "gpt": "converters.gpt",

@@ -3,7 +3,7 @@ safetensors_io as stio`` keeps working.  Nothing is defined here; patch (in test
 module that defines a name, not this one:
 
 - :mod:`st_header`: the strict header reader (torch-free)
-- :mod:`st_read`: the dtype tables and reading one tensor
+- :mod:`st_read`: reading one tensor, and torch dtypes' safetensors names
 - :mod:`st_write`: data order, header encoding and :func:`write_stream`
 - :mod:`staging`, :mod:`staging_plan`: the staging writer and its pure piece plan
 - :mod:`atomic`: :class:`AtomicOutput`, the portable temp-and-rename output
@@ -11,8 +11,8 @@ module that defines a name, not this one:
 
 from .atomic import AtomicOutput
 from .st_header import ITEMSIZE, MAX_HEADER_BYTES, Header, TensorInfo, read_header
-from .st_read import DTYPES, TORCH_TO_ST, read_tensor, st_dtype
+from .st_read import read_array, st_dtype
 from .st_write import OutTensor, encode_header, layout, write_stream
 
-__all__ = ["AtomicOutput", "ITEMSIZE", "MAX_HEADER_BYTES", "Header", "TensorInfo", "read_header", "DTYPES",
-           "TORCH_TO_ST", "read_tensor", "st_dtype", "OutTensor", "encode_header", "layout", "write_stream"]
+__all__ = ["AtomicOutput", "ITEMSIZE", "MAX_HEADER_BYTES", "Header", "TensorInfo", "read_header",
+           "read_array", "st_dtype", "OutTensor", "encode_header", "layout", "write_stream"]

@@ -5,11 +5,18 @@ Supported inputs (told apart by :func:`sniff` from the first bytes):
 
 - ``.safetensors``: :class:`SafetensorsSource`, header validated by the strict reader
   (:mod:`st_header`), tensors read one at a time (:mod:`st_read`)
-- zip ``.pth``/``.pt`` checkpoints, via ``torch.load(weights_only=True, mmap=True)``
-  after the archive checks of :mod:`pth_reader` (records, sizes, bounded inflation)
+- zip ``.pth``/``.pt`` checkpoints, after the archive checks of :mod:`pth_reader`
+  (records, sizes, bounded inflation), by its torch-free reader
+  (:func:`pth_reader.load_arrays`: memory-mapped, the globals ``torch.save`` writes for
+  state dicts only); a pickle that needs more is loaded with
+  ``torch.load(weights_only=True, mmap=True)``, which accepts or refuses it as it always
+  did, and the source's notes say so
 - legacy (pre-1.6, non-zip) ``.pth`` files, via ``torch.load(weights_only=True)``
 
 Both ``.pth`` kinds become a :class:`MappingSource` over the unwrapped tensors.
+
+Tensors are handed out as numpy arrays of the stored bytes, and dtypes named by their
+safetensors names (see :mod:`arrays`), whichever reader read them.
 
 Known wrapper dicts (``generator``, ``model``, ``state_dict``, ``net``) are unwrapped,
 nested dicts of state dicts (``net = {"cfm": sd, ...}``) are flattened with ``.``, and
@@ -28,13 +35,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
-from . import pth_reader
+from . import arrays, pth_reader
 from .errors import ConvertError
+from .pth_reader import Stored
 from .schema import SCHEMA_NAME
 from .st_header import Header, read_header
-from .st_read import DTYPES, read_tensor
+from .st_read import read_array
 
 WRAPPERS = ("generator", "model", "state_dict", "net")
 BARE_TENSOR_NAME = "tensor"  # the name of the single tensor in a bare torch.save(tensor) file
@@ -48,8 +56,8 @@ class Source:
     """The one interface to a checkpoint: what the table resolver, the engine,
     ``inspect`` and ``verify`` use.
 
-    ``shapes`` and ``dtypes`` describe every tensor (by flat name), ``dropped`` what the
-    reader left out and why, ``notes`` what it did (unwrapping, prefixes), ``metadata``
+    ``shapes`` and ``dtypes`` (safetensors dtype names) describe every tensor (by flat
+    name), ``dropped`` what the reader left out and why, ``notes`` what it did (unwrapping, prefixes), ``metadata``
     a safetensors file's ``__metadata__``.  ``get(name)`` returns one tensor; ``close()``
     releases the file (idempotent; ``get`` is refused afterwards).
 
@@ -62,7 +70,7 @@ class Source:
     path: str
     format: str  # "safetensors" | "pth-zip" | "pth-legacy" | a description ("meta")
     shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, torch.dtype]
+    dtypes: dict[str, str]
     dropped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
@@ -74,7 +82,7 @@ class Source:
         if name not in self.shapes:
             raise ConvertError(f"{self.path}: no tensor {name!r}")
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
         self._known(name)
         raise ConvertError(f"{self.path}: tensor {name!r}: this source describes shapes only and holds no data")
 
@@ -97,14 +105,16 @@ class MappingSource(Source):
     tensors are memory-mapped) each tensor's pages are mapped in one call when asked
     for (:func:`pth_reader.populate`)."""
 
-    tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    tensors: dict[str, np.ndarray | None] | None = field(default=None, repr=False)
     populate: bool = False
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
         self._known(name)
         if self.tensors is None:
             raise self._closed(name)
         t = self.tensors[name]
+        if t is None:
+            raise ConvertError(f"{self.path}: tensor {name!r} has unsupported dtype {self.dtypes[name]}")
         if self.populate:
             pth_reader.populate(t)
         return t
@@ -122,13 +132,13 @@ class SafetensorsSource(Source):
     _fh: object = field(default=None, repr=False)
     _is_closed: bool = field(default=False, repr=False)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
         self._known(name)
         if self._is_closed:
             raise self._closed(name)
         if self._fh is None:
             self._fh = open(self.path, "rb")
-        return read_tensor(self.path, self.header.tensors[name], self._fh)
+        return read_array(self.path, self.header.tensors[name], self._fh)
 
     def close(self) -> None:
         self._is_closed = True
@@ -192,20 +202,59 @@ def _open_safetensors(path: str) -> SafetensorsSource:
         src.header = Header(header.path, header.metadata, {renamed[k]: v for k, v in header.tensors.items()}, header.data_start, header.file_size)
     for name, info in src.header.tensors.items():
         src.shapes[name] = info.shape
-        src.dtypes[name] = DTYPES[info.dtype][0]
+        src.dtypes[name] = info.dtype
     return src
+
+
+# Set by tests to read every .pth with torch.load, as before the torch-free reader, to
+# show that both give the same bytes.
+FORCE_TORCH_READER = False
 
 
 def _open_pth(path: str, fmt: str) -> MappingSource:
     mmap = pth_reader.check_zip(path) if fmt == "pth-zip" else False
-    obj = pth_reader.load_pickle(path, mmap=mmap)
     src = MappingSource(path, fmt, {}, {}, populate=mmap)
+    obj = None
+    if fmt == "pth-zip" and not FORCE_TORCH_READER:
+        try:
+            obj = pth_reader.load_arrays(path, mapped=mmap)
+        except pth_reader.NeedsTorch as e:
+            src.notes.append(f"read with torch.load(weights_only=True): its pickle uses {e}, which the torch-free "
+                             "reader does not build")
+    if obj is None:
+        obj = _torch_leaves(pth_reader.load_pickle(path, mmap=mmap))
     tensors = unwrap(obj, src)
-    src.tensors = tensors
+    src.tensors = {}
     for name, t in tensors.items():
-        src.shapes[name] = tuple(t.shape)
+        src.tensors[name] = t.array
+        src.shapes[name] = tuple(t.array.shape) if t.array is not None else t.shape
         src.dtypes[name] = t.dtype
     return src
+
+
+@dataclass(frozen=True)
+class _Unsupported(Stored):
+    shape: tuple = ()
+
+
+def _torch_leaves(obj):
+    """What torch.load returned, with each tensor as a :class:`Stored` (zero-copy)."""
+    import torch
+
+    def leaf(t):
+        dt = arrays.torch_dtype_name(t.dtype)
+        if dt not in arrays.NUMPY:
+            return _Unsupported(None, dt, tuple(t.shape))
+        return Stored(arrays.from_torch(t), dt)
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            return leaf(o)
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()}
+        return o
+
+    return walk(obj)
 
 
 def _strip_module(name: str) -> str:
@@ -215,13 +264,13 @@ def _strip_module(name: str) -> str:
 
 
 def _is_tensor_dict(d: dict) -> bool:
-    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+    return bool(d) and all(isinstance(v, Stored) for v in d.values())
 
 
-def unwrap(obj, src: Source) -> dict[str, torch.Tensor]:
+def unwrap(obj, src: Source) -> dict[str, Stored]:
     """Peel known wrapper dicts and flatten to ``name -> tensor``."""
     path = src.path
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, Stored):
         src.notes.append(f"a bare tensor, read as {BARE_TENSOR_NAME!r}")
         return {BARE_TENSOR_NAME: obj}
     if not isinstance(obj, dict):
@@ -243,7 +292,7 @@ def unwrap(obj, src: Source) -> dict[str, torch.Tensor]:
             raise ConvertError(f"{path}: wrapper {'.'.join(trail)!r} holds a {type(obj).__name__}, expected a dict")
     if trail:
         src.notes.append(f"unwrapped {' -> '.join(repr(k) for k in trail)}")
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Stored] = {}
     stripped = False
 
     def walk(d: dict, prefix: str) -> None:
@@ -254,7 +303,7 @@ def unwrap(obj, src: Source) -> dict[str, torch.Tensor]:
             name = _strip_module(k)
             stripped |= name != k
             full = prefix + name
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, Stored):
                 if full in out:
                     raise ConvertError(f"{path}: tensor {full!r} appears twice after stripping 'module.' prefixes")
                 out[full] = v
@@ -288,7 +337,7 @@ class CombinedSource(Source):
             self.dropped.update({prefix + k: v for k, v in src.dropped.items()})
             self.notes.extend(f"{src.path}: {n}" for n in src.notes)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
         for prefix, src in self.parts.items():
             if prefix and name.startswith(prefix):
                 return src.get(name[len(prefix):])

@@ -1,38 +1,33 @@
-"""safetensors tensors with torch: the dtype tables (shared with the writer) and
-reading one tensor's bytes.
+"""Reading one safetensors tensor's bytes into a numpy array (see :mod:`arrays`), and
+naming torch dtypes the safetensors way.  Torch-free.
 
-Header parsing lives in :mod:`st_header` (torch-free, so ``check`` starts fast).
+Header parsing lives in :mod:`st_header`.
 """
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from reference.load import DTYPES as TORCH_DTYPES
-
+from .arrays import NUMPY, torch_dtype_name
 from .errors import ConvertError
-from .st_header import ITEMSIZE, TensorInfo
-
-# safetensors dtype name -> (torch dtype, item size): the reference loader's table
-DTYPES: dict[str, tuple[torch.dtype, int]] = {name: (dt, ITEMSIZE[name]) for name, dt in TORCH_DTYPES.items()}
-TORCH_TO_ST = {dt: name for name, (dt, _) in DTYPES.items()}
+from .st_header import TensorInfo
 
 
-def st_dtype(dtype: torch.dtype, what: str = "tensor") -> str:
-    try:
-        return TORCH_TO_ST[dtype]
-    except KeyError:
-        raise ConvertError(f"{what}: unsupported dtype {dtype}") from None
+def st_dtype(dtype, what: str = "tensor") -> str:
+    """The safetensors name of a torch dtype, or a refusal naming ``what``."""
+    name = torch_dtype_name(dtype)
+    if name not in NUMPY:
+        raise ConvertError(f"{what}: unsupported dtype {name}")
+    return name
 
 
-def read_tensor(path: str, info: TensorInfo, f=None) -> torch.Tensor:
-    """Read one tensor's bytes into a fresh, owned torch tensor (through ``f`` if given,
-    an open binary file of ``path``)."""
-    dt = DTYPES[info.dtype][0]
-    t = torch.empty(info.shape, dtype=dt)
+def read_array(path: str, info: TensorInfo, f=None) -> np.ndarray:
+    """Read one tensor's bytes into a fresh, owned, writable numpy array (through ``f``
+    if given, an open binary file of ``path``)."""
+    a = np.empty(info.shape, dtype=NUMPY[info.dtype])
     nbytes = info.end - info.begin
     if nbytes:
-        buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        buf = memoryview(a.reshape(-1).view(np.uint8))
         own = f is None
         f = f or open(path, "rb")
         try:
@@ -43,4 +38,4 @@ def read_tensor(path: str, info: TensorInfo, f=None) -> torch.Tensor:
                 f.close()
         if got != nbytes:
             raise ConvertError(f"{path}: tensor data ends early; truncated file")
-    return t
+    return a

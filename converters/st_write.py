@@ -9,25 +9,26 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
+import numpy as np
 
 from . import staging
+from .arrays import NUMPY, from_torch
 from .atomic import AtomicOutput
 from .errors import ConvertError
-from .st_read import DTYPES
+from .st_header import ITEMSIZE
 
 
 @dataclass
 class OutTensor:
     name: str
-    dtype: str
+    dtype: str  # safetensors name
     shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor]
-    check: Callable[[torch.Tensor], None] | None = None  # called on each staged piece (see staging.Staging)
+    produce: Callable[[], object]  # a numpy array (arrays.NUMPY[dtype]) or a CPU torch tensor
+    check: Callable[[np.ndarray], None] | None = None  # called on each staged piece (see staging.Staging)
 
     @property
     def nbytes(self) -> int:
-        n = DTYPES[self.dtype][1]
+        n = ITEMSIZE[self.dtype]
         for d in self.shape:
             n *= d
         return n
@@ -36,7 +37,7 @@ class OutTensor:
 def layout(tensors: list[OutTensor]) -> list[OutTensor]:
     """Deterministic data order: widest items first (so every tensor is naturally
     aligned once the header is padded to 8 bytes), then by name."""
-    return sorted(tensors, key=lambda t: (-DTYPES[t.dtype][1], t.name))
+    return sorted(tensors, key=lambda t: (-ITEMSIZE[t.dtype], t.name))
 
 
 def encode_header(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
@@ -89,9 +90,12 @@ def write_stream(
             stage.write_bytes(header)
             for t in tensors:
                 x = t.produce()
-                want = (DTYPES[t.dtype][0], tuple(t.shape))
+                if not isinstance(x, np.ndarray):
+                    x = from_torch(x)
+                want = (NUMPY[t.dtype], tuple(t.shape))
                 if (x.dtype, tuple(x.shape)) != want:
-                    raise ConvertError(f"{path}: tensor {t.name!r} came out as {x.dtype} {tuple(x.shape)}, header says {want[0]} {want[1]} (converter bug)")
+                    raise ConvertError(f"{path}: tensor {t.name!r} came out as {x.dtype} {tuple(x.shape)}, header says "
+                                       f"{t.dtype} ({want[0]}) {want[1]} (converter bug)")
                 stage.write_tensor(x, t.check)
                 on_bytes(t.nbytes)
                 del x

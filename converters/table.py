@@ -17,11 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-import torch
-
-from . import ops, templates
+from . import arrays, opspec, templates
 from .errors import ConvertError
-from .safetensors_io import TORCH_TO_ST as SUPPORTED_DTYPES
 from .sources import Source
 
 
@@ -30,9 +27,9 @@ class Row:
     canonical: str
     op: str
     sources: tuple[str, ...]
-    # For buffers that are a pure function of the config: build the tensor when the
-    # source does not carry it (``sources`` may then be empty).
-    regenerate: Callable[[dict], torch.Tensor] | None = None
+    # For buffers that are a pure function of the config: build the tensor (a torch
+    # tensor) when the source does not carry it (``sources`` may then be empty).
+    regenerate: Callable[[dict], object] | None = None
     regenerate_op: str = ""
 
 
@@ -72,8 +69,8 @@ class PlanEntry:
     op: str
     sources: list[str]
     shape: tuple[int, ...]
-    dtype: torch.dtype
-    regenerate: Callable[[dict], torch.Tensor] | None = None
+    dtype: str  # the output's safetensors dtype name
+    regenerate: Callable[[dict], object] | None = None
 
 
 @dataclass
@@ -126,8 +123,8 @@ def _resolve_wn(src: Source, module: str) -> tuple[list[str], bool] | None:
     return None
 
 
-def out_dtype(src_dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
-    if not src_dtype.is_floating_point or target is None:
+def out_dtype(src_dtype: str, target: str | None) -> str:
+    if not arrays.is_float(src_dtype) or target is None:
         return src_dtype
     return target
 
@@ -138,7 +135,7 @@ def resolve(
     loops: Loops,
     drops: list[Drop],
     config: dict,
-    target_dtype: torch.dtype | None,
+    target_dtype: str | None,
 ) -> Plan:
     entries: list[PlanEntry] = []
     consumed: set[str] = set()
@@ -149,7 +146,7 @@ def resolve(
         name = r.canonical.format(**vals)
         op = r.op
         srcs = [s.format(**vals) for s in r.sources]
-        first = ops.parse(op)[0]
+        first = opspec.parse(op)[0]
         if first.name == "fold_weight_norm":
             found = _resolve_wn(src, srcs[0])
             if found is None:
@@ -162,7 +159,8 @@ def resolve(
                 op = rest or "copy"
         if r.regenerate is not None and (not srcs or not all(s in src.shapes for s in srcs)):
             t = r.regenerate(config)
-            entries.append(PlanEntry(name, r.regenerate_op, [], tuple(t.shape), out_dtype(t.dtype, target_dtype), r.regenerate))
+            entries.append(PlanEntry(name, r.regenerate_op, [], tuple(t.shape), out_dtype(arrays.torch_dtype_name(t.dtype), target_dtype),
+                                     r.regenerate))
             notes.append(f"{name}: regenerated from the config")
             continue
         absent = [s for s in srcs if s not in src.shapes]
@@ -170,11 +168,11 @@ def resolve(
             missing.extend(absent)
             continue
         for s in srcs:
-            if src.dtypes[s] not in SUPPORTED_DTYPES:
-                raise ConvertError(f"{src.path}: tensor {s!r} has unsupported dtype {str(src.dtypes[s]).replace('torch.', '')}")
+            if src.dtypes[s] not in arrays.NUMPY:
+                raise ConvertError(f"{src.path}: tensor {s!r} has unsupported dtype {src.dtypes[s]}")
         try:
-            shape = ops.out_shape(op, [src.shapes[s] for s in srcs])
-        except ops.OpError as e:
+            shape = opspec.out_shape(op, [src.shapes[s] for s in srcs])
+        except opspec.OpError as e:
             raise ConvertError(f"{src.path}: {', '.join(srcs)} -> {name}: {e}") from None
         entries.append(PlanEntry(name, op, srcs, shape, out_dtype(src.dtypes[srcs[-1]], target_dtype)))
         consumed.update(srcs)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import engine, ops, schema
+from . import arrays, engine, ops, schema
 from . import safetensors_io as stio
 from .errors import ConvertError
 from .sources import open_source
@@ -66,7 +66,7 @@ def verify(src_path: str, out_path: str, extra: dict[str, str] | None = None, on
         with open(out_path, "rb") as f:
             for name in sorted(header.tensors):
                 info = header.tensors[name]
-                got = stio.read_tensor(out_path, info, f)
+                got = arrays.to_torch(stio.read_array(out_path, info, f), info.dtype)
                 p = prov[name]
                 if p["from"]:
                     missing = [s for s in p["from"] if s not in src.shapes]
@@ -75,7 +75,7 @@ def verify(src_path: str, out_path: str, extra: dict[str, str] | None = None, on
                         rows.append(row)
                         on_row(row)
                         continue
-                    want = ops.apply(p["op"], [src.get(s) for s in p["from"]])
+                    want = ops.apply(p["op"], [arrays.to_torch(src.get(s), src.dtypes[s]) for s in p["from"]])
                     note = p["op"]
                 else:
                     if name not in regen:

@@ -135,3 +135,13 @@ def assert_dtype_policy(path, file_dtype: str) -> None:
         seen.add(cls)
     assert "float" in seen
     assert schema.check_file(str(path))[1] == []
+
+
+def assert_std_of(std: torch.Tensor, var: torch.Tensor) -> None:
+    """``std`` is the correctly rounded sqrt of a float32 ``var`` (float64 sqrt, then
+    rounded: exact, as float64 carries more than twice float32's precision), and within
+    one ulp of ``torch.sqrt`` (what upstream computes at run time; with MKL it is not
+    always correctly rounded)."""
+    assert var.dtype == torch.float32 and std.dtype == torch.float32
+    assert torch.equal(std, torch.sqrt(var.double()).float())
+    torch.testing.assert_close(std, torch.sqrt(var), rtol=2.0 ** -23, atol=0.0)

@@ -45,7 +45,8 @@ for name in {hidden!r}:
     if hasattr(os, name):
         delattr(os, name)
 import torch  # noqa: F401
-from converters import atomic, engine, pth_reader, staging  # noqa: F401
+import reference.load  # noqa: F401
+from converters import atomic, engine, ops, pth_reader, staging  # noqa: F401
 from tests.helpers import convert_in_process
 sys.modules["ctypes"] = None  # torch and the reference loader use it (portably); the converter's own calls may not
 pth_reader.MADV_POPULATE_READ = None  # Linux-only advice

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from converters import schema
 from converters.errors import ConvertError
+from converters.pth_reader import Stored
 from converters.sources import BARE_TENSOR_NAME, Source, unwrap
 from tests.helpers import assert_refused, back_to_upstream, load_canonical, metadata, run_cli
 from tests.upstream import speaker_matrix as up
@@ -106,7 +108,7 @@ def test_refusals(tmp_path):
 
 def test_reader_bare_tensor():
     src = Source("x.pt", "pth-zip", {}, {})
-    t = torch.arange(6.0).reshape(2, 3)
+    t = Stored(np.arange(6.0, dtype=np.float32).reshape(2, 3), "F32")
     assert unwrap(t, src) == {BARE_TENSOR_NAME: t}
     assert any("bare tensor" in n for n in src.notes)
     with pytest.raises(ConvertError, match="holds a list"):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from converters import safetensors_io as stio
 from converters import staging
 from converters import staging_plan as sp
-from converters.engine import all_finite
+from converters.arrays import all_finite, from_torch
 from converters.errors import ConvertError
 
 
@@ -82,12 +82,13 @@ def test_all_finite_agrees_with_isfinite(dtype):
     ]
     for c in cases:
         c = c.to(dtype)
-        assert all_finite(c) == bool(torch.isfinite(c).all()), c
+        assert all_finite(from_torch(c), stio.st_dtype(dtype)) == bool(torch.isfinite(c).all()), c
 
 
 def _refuse_nonfinite(name):
-    def check(staged):
-        if not all_finite(staged):
+    def check(staged):  # a staged piece: a numpy view of the staging buffer (every case here is float32)
+        assert isinstance(staged, np.ndarray) and staged.dtype == np.float32
+        if not all_finite(staged, "F32"):
             raise ConvertError(f"{name}: NaN or Inf")
     return check
 

@@ -14,7 +14,8 @@ from converters import engine, registry, schema
 from converters.errors import ConvertError
 from converters.sources import CombinedSource, Source
 from converters.table import resolve
-from tests.helpers import assert_dtype_policy, assert_refused, back_to_upstream, load_canonical, metadata, run_cli
+from converters.st_read import st_dtype
+from tests.helpers import assert_dtype_policy, assert_refused, assert_std_of, back_to_upstream, load_canonical, metadata, run_cli
 from tests.upstream import w2v_bert as up
 
 H = up.TINY["hidden_size"]
@@ -80,7 +81,7 @@ def test_statistics_are_mean_and_sqrt_var(snapshot, converted):
     _, _, st = snapshot
     t, prov = load_canonical(converted)
     assert torch.equal(t["semantic_stats.mean"], st["mean"])
-    assert torch.equal(t["semantic_stats.std"], torch.sqrt(st["var"]))  # what upstream's build_semantic_model computes
+    assert_std_of(t["semantic_stats.std"], st["var"])  # upstream's build_semantic_model computes torch.sqrt(var)
     assert prov["semantic_stats.std"] == {"from": ["stats/var"], "op": "sqrt"}
     # the runtime's normalisation of the layer IndexTTS-2 reads, against upstream's get_emb
     cfg = json.loads(metadata(converted)["config"])
@@ -154,7 +155,7 @@ def test_stats_found_in_release_layout(tmp_path):
     for a, b in zip(up.hidden_states(fresh, x, mask), up.hidden_states(m, x, mask)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     t, _ = load_canonical(out)
-    assert torch.equal(t["semantic_stats.std"], torch.sqrt(st["var"]))
+    assert_std_of(t["semantic_stats.std"], st["var"])
 
 
 def test_all_passes_release_stats(snapshot, tmp_path):
@@ -183,7 +184,7 @@ def test_stats_as_safetensors_dump(snapshot, tmp_path):
     out = tmp_path / "o.safetensors"
     run_cli("w2v-bert", snap, out, "--stats", p, "--quiet")
     t, _ = load_canonical(out)
-    assert torch.equal(t["semantic_stats.std"], torch.sqrt(st["var"]))
+    assert_std_of(t["semantic_stats.std"], st["var"])
 
 
 def test_missing_stats_refused(snapshot, tmp_path):
@@ -235,7 +236,7 @@ def test_dtype_option(snapshot, tmp_path):
     t, _ = load_canonical(out)
     assert {x.dtype for x in t.values()} == {torch.bfloat16, torch.float32}
     # the statistics and layer norms stay float32 under --dtype bfloat16 (the dtype policy)
-    assert torch.equal(t["semantic_stats.std"], torch.sqrt(st["var"]))
+    assert_std_of(t["semantic_stats.std"], st["var"])
     assert t["encoder.layers.0.final_layer_norm.weight"].dtype == torch.float32
     assert t["encoder.layers.0.ffn1.intermediate_dense.weight"].dtype == torch.bfloat16
     assert_dtype_policy(out, "BF16")
@@ -259,8 +260,8 @@ def test_full_size_plan_fits_schema():
         m = Wav2Vec2BertModel(up.hf_config(FULL_SIZE))
     sd = m.state_dict()
     assert len(sd) == 773
-    main = Source("model.safetensors", "safetensors", {k: tuple(v.shape) for k, v in sd.items()}, {k: v.dtype for k, v in sd.items()})
-    stats = Source("wav2vec2bert_stats.pt", "pth-zip", {"mean": (1024,), "var": (1024,)}, {"mean": torch.float32, "var": torch.float32})
+    main = Source("model.safetensors", "safetensors", {k: tuple(v.shape) for k, v in sd.items()}, {k: st_dtype(v.dtype) for k, v in sd.items()})
+    stats = Source("wav2vec2bert_stats.pt", "pth-zip", {"mean": (1024,), "var": (1024,)}, {"mean": "F32", "var": "F32"})
     mod = engine.model_module("w2v-bert")
     cfg = mod.runtime_config(dict(FULL_SIZE), "config.json")
     rows, loops = mod.table(cfg)
