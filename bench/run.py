@@ -193,7 +193,7 @@ def bench_convert(release: str, work: str, runs: int, log, size: str = "full") -
     out_gpt, copy_gpt = os.path.join(work, "gpt.safetensors"), os.path.join(work, "gpt.copy")
     out_all, copy_all = os.path.join(work, "all"), os.path.join(work, "all.copy")
     warm(files.values())
-    res: dict = {"gpt": {"convert_s": [], "copy_s": []}, "all": {"convert_s": [], "copy_s": []}}
+    res: dict = {"gpt": {"convert_s": [], "copy_s": [], "sha256sum_s": []}, "all": {"convert_s": [], "copy_s": []}}
     for i in range(runs):
         order = [0, 1] if i % 2 == 0 else [1, 0]
         for which in order:
@@ -205,7 +205,9 @@ def bench_convert(release: str, work: str, runs: int, log, size: str = "full") -
                 rmtree(copy_gpt)
                 res["gpt"]["copy_s"].append(timed(f'cp "{files["gpt"]}" "{copy_gpt}" && sync "{copy_gpt}"', shell=True))
                 rmtree(copy_gpt)
-        log(f"convert gpt: run {i + 1}: {res['gpt']['convert_s'][-1]:.2f} s, cp+sync {res['gpt']['copy_s'][-1]:.2f} s")
+        res["gpt"]["sha256sum_s"].append(timed(["sha256sum", files["gpt"]]))
+        log(f"convert gpt: run {i + 1}: {res['gpt']['convert_s'][-1]:.2f} s, cp+sync {res['gpt']['copy_s'][-1]:.2f} s, "
+            f"sha256sum {res['gpt']['sha256sum_s'][-1]:.2f} s")
     srcs = inputs.all_inputs(release)
     warm(srcs)
     for i in range(runs):
@@ -225,7 +227,55 @@ def bench_convert(release: str, work: str, runs: int, log, size: str = "full") -
     for r in res.values():
         r["convert_median_s"], r["copy_median_s"] = median(r["convert_s"]), median(r["copy_s"])
         r["ratio"] = round(r["convert_median_s"] / r["copy_median_s"], 3)
+    g = res["gpt"]
+    g["sha256sum_median_s"] = median(g["sha256sum_s"])
+    # issue 16's bound: the larger of the copy and the source's sha256sum
+    g["ratio_copy_or_hash"] = round(g["convert_median_s"] / max(g["copy_median_s"], g["sha256sum_median_s"]), 3)
     res["input_bytes"] = {"gpt": os.path.getsize(files["gpt"]), "all": sum(os.path.getsize(p) for p in srcs)}
+    return res
+
+
+IMPORT_TORCH = "import time; t = time.perf_counter(); import torch; print(time.perf_counter() - t)"
+# One conversion through the CLI in-process, then whether torch was imported.
+IMPORTS_TORCH = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from converters.cli import main
+main(sys.argv[2:], standalone_mode=False)
+print("torch" in sys.modules)
+"""
+
+
+def bench_torch_free(release: str, work: str, runs: int, log, size: str = "full") -> dict:
+    """Issue 16: what ``import torch`` costs in a fresh process, whether the gpt and
+    w2v-bert conversions import it, and the w2v-bert conversion against copying its
+    source."""
+    files = inputs.release_files(release, size)
+    res: dict = {"import_torch_s": [float(subprocess.run([PY, "-c", IMPORT_TORCH], check=True, capture_output=True,
+                                                         text=True).stdout) for _ in range(runs)]}
+    res["import_torch_median_s"] = median(res["import_torch_s"])
+    out = os.path.join(work, "torch-free.safetensors")
+    res["imports_torch"] = {}
+    for kind in ("gpt", "w2v-bert"):
+        rmtree(out)
+        p = subprocess.run([PY, "-c", IMPORTS_TORCH, ROOT, kind, files[kind], out, "--quiet"], check=True, capture_output=True, text=True)
+        res["imports_torch"][kind] = p.stdout.strip().splitlines()[-1] == "True"
+        rmtree(out)
+    w = {"convert_s": [], "copy_s": []}
+    copy = os.path.join(work, "w2v.copy")
+    warm([files["w2v-bert"], files["stats"]])
+    for _ in range(runs):
+        rmtree(out)
+        w["convert_s"].append(timed([PY, CONVERT, "w2v-bert", files["w2v-bert"], out, "--quiet"]))
+        rmtree(out)
+        rmtree(copy)
+        w["copy_s"].append(timed(f'cp "{files["w2v-bert"]}" "{copy}" && sync "{copy}"', shell=True))
+        rmtree(copy)
+    w["convert_median_s"], w["copy_median_s"] = median(w["convert_s"]), median(w["copy_s"])
+    w["ratio"] = round(w["convert_median_s"] / w["copy_median_s"], 3)
+    res["w2v-bert"] = w
+    log(f"import torch {res['import_torch_median_s']:.2f} s; imports torch: {res['imports_torch']}; "
+        f"w2v-bert {w['convert_median_s']:.2f} s vs cp+sync {w['copy_median_s']:.2f} s")
     return res
 
 
@@ -387,6 +437,8 @@ def verdicts(r: dict) -> dict:
     return {
         "convert_gpt": c["gpt"]["ratio"] <= TARGETS["convert_ratio"],
         "convert_all": c["all"]["ratio"] <= TARGETS["convert_ratio"],
+        **({"convert_gpt_copy_or_hash": c["gpt"]["ratio_copy_or_hash"] <= TARGETS["convert_ratio"]} if "ratio_copy_or_hash" in c["gpt"] else {}),
+        **({f"no_torch_{k}": not v for k, v in r["torch_free"]["imports_torch"].items()} if "torch_free" in r else {}),
         "memory_gpt": m["converter"]["peak_rss_anon_mib"] < TARGETS["memory_mib"],
         "check": k["median_s"] < TARGETS["check_s"],
         **({"memory_codec": r["codec_memory"]["converter"]["peak_rss_anon_mib"] < TARGETS["memory_mib"]} if "codec_memory" in r else {}),
@@ -401,6 +453,9 @@ def table(r: dict) -> str:
     rows = [
         ("1. convert gpt.pth", f"{c['gpt']['convert_median_s']:.2f} s", f"cp+sync {c['gpt']['copy_median_s']:.2f} s",
          f"{c['gpt']['ratio']:.2f}x", f"<= {TARGETS['convert_ratio']}x: {mark('convert_gpt')}"),
+        ("1. convert gpt.pth (issue 16)", f"{c['gpt']['convert_median_s']:.2f} s",
+         f"max(cp+sync, sha256sum {c['gpt']['sha256sum_median_s']:.2f} s)", f"{c['gpt']['ratio_copy_or_hash']:.2f}x",
+         f"<= {TARGETS['convert_ratio']}x: {mark('convert_gpt_copy_or_hash')}"),
         (f"1. convert all ({gib(c['input_bytes']['all'])})", f"{c['all']['convert_median_s']:.2f} s",
          f"cp+sync {c['all']['copy_median_s']:.2f} s", f"{c['all']['ratio']:.2f}x", f"<= {TARGETS['convert_ratio']}x: {mark('convert_all')}"),
         ("2. peak RssAnon, convert gpt.pth", f"{m['converter']['peak_rss_anon_mib']:.0f} MiB", "", "", f"< {TARGETS['memory_mib']} MiB: {mark('memory_gpt')}"),
@@ -421,6 +476,14 @@ def table(r: dict) -> str:
         target = f">= {TARGETS['load_speedup']:.0f}x: {mark('load_' + kind)}" if f"load_{kind}" in ok else "info (upstream is safetensors)"
         rows.append((f"4. load {kind}", f"{row['canonical_median_s']:.2f} s", f"{base}+transforms {row['upstream_median_s']:.2f} s",
                      f"{row['speedup']:.1f}x", target))
+    if "torch_free" in r:
+        tf = r["torch_free"]
+        w = tf["w2v-bert"]
+        for kind, imported in tf["imports_torch"].items():
+            rows.append((f"5. convert {kind}: import torch", "yes" if imported else "no",
+                         f"import torch {tf['import_torch_median_s']:.2f} s", "", f"no: {mark('no_torch_' + kind)}"))
+        rows.append(("5. convert w2v-bert", f"{w['convert_median_s']:.2f} s", f"cp+sync {w['copy_median_s']:.2f} s",
+                     f"{w['ratio']:.2f}x", "info"))
     head = ("measurement", "ours (median)", "baseline (median)", "ratio", "target")
     widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(5)]
     line = lambda x: "| " + " | ".join(str(v).ljust(w) for v, w in zip(x, widths)) + " |"  # noqa: E731
@@ -458,6 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"machine: {describe(result['machine'])}")
     try:
         result["convert"] = bench_convert(release, work, args.runs, log, size)
+        result["torch_free"] = bench_torch_free(release, work, args.runs, log, size)
         result["memory"] = bench_memory(release, work, args.runs, log, size)
         if args.release == "2.5":
             result["codec_memory"] = bench_codec_memory(release, work, args.runs, log, size)

@@ -124,28 +124,23 @@ def widen(x: np.ndarray, src: str, out: str) -> np.ndarray:
 # ------------------------------------------------------------------ checks
 
 
-_EXP_MASK = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000), 8: (np.uint64, 0x7FF0000000000000)}
-
-
 def all_finite(x: np.ndarray, dtype: str) -> bool:
-    """Whether every element of a float array is finite.  Fast path for F32/F64: a NaN
-    or an Inf anywhere makes the sum NaN or Inf (IEEE addition never turns them finite
-    again), so a finite sum proves it with one read; a non-finite sum (a bad value, or
-    finite values overflowing) pays for the exact test.  F16 and BF16 are tested on
-    their bits: an all-ones exponent is an Inf or a NaN."""
+    """Whether every element of a float array is finite.  F32/F64: the max and the min
+    are both finite (numpy's max and min propagate NaN; an Inf is an extreme), two
+    vectorised reads with no temporary, exact and faster here than a sum.  F16 and
+    BF16, on their bits: with the sign cleared, an Inf or a NaN is at least the
+    all-ones exponent."""
+    if x.size == 0:
+        return True
     if dtype in ("F32", "F64"):
-        with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(x.sum(dtype=x.dtype)):
-                return True
-        return bool(np.isfinite(x).all())
+        return bool(np.isfinite(x.max()) and np.isfinite(x.min()))
     if dtype == "BF16":
-        mask = 0x7F80
+        ones = 0x7F80
     elif dtype == "F16":
-        mask = 0x7C00
+        ones = 0x7C00
     else:
         raise AssertionError(f"{dtype} is not a float dtype")
-    bits = x.view(np.uint16)
-    return not bool(((bits & mask) == mask).any())
+    return int((x.view(np.uint16) & 0x7FFF).max()) < ones
 
 
 # ------------------------------------------------------------------ torch, when needed

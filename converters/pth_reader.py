@@ -361,7 +361,9 @@ def load_arrays(path: str, mapped: bool) -> object:
             ("torch._utils", "_rebuild_parameter_with_state"): _Global("_rebuild_parameter_with_state", parameter),
         }
 
-        class Reader(pickle.Unpickler):
+        seen: dict[str, _Storage] = {}
+
+        class Reader(_RestrictedUnpickler):
             def find_class(self, module, name):
                 if module == "torch" and name in STORAGE_DTYPE:
                     return _Global(name, None)
@@ -377,7 +379,11 @@ def load_arrays(path: str, mapped: bool) -> object:
                     raise NeedsTorch(f"storage type {getattr(cls, 'name', cls)}")
                 if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
                     raise ConvertError(f"{path}: malformed storage reference in data.pkl: {str(pid)[:80]}")
-                return _Storage(key, STORAGE_DTYPE[cls.name], numel)
+                st = _Storage(key, STORAGE_DTYPE[cls.name], numel)
+                if seen.setdefault(key, st) != st:
+                    # torch reinterprets such a storage; we do not guess
+                    raise NeedsTorch(f"storage {key!r} under two types or sizes")
+                return st
 
         try:
             return Reader(io.BytesIO(pkl)).load()
@@ -385,6 +391,30 @@ def load_arrays(path: str, mapped: bool) -> object:
             raise
         except Exception as e:  # noqa: BLE001 - any other failure here means a damaged pickle
             raise ConvertError(f"{path}: cannot unpickle checkpoint: {type(e).__name__}: {e}") from None
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler with one opcode narrowed: ``BUILD`` (set an object's
+    state) is allowed only on an ``OrderedDict`` instance (``torch.save`` writes a state
+    dict's ``_metadata`` so), as in torch's weights-only unpickler.  Anywhere else it
+    could rewrite the reader's own objects (a storage's size after :func:`check_zip`
+    checked it) or a class; such a pickle goes to torch, which refuses it.  The pure-
+    Python class is what lets an opcode be replaced; pickles are small (83 KB for a
+    full-size gpt.pth)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_build(self):
+        import collections
+
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if type(inst) is collections.OrderedDict and type(state) is dict:
+            inst.__dict__.update(state)
+            return
+        raise NeedsTorch(f"a BUILD of {type(inst).__name__}")
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def _np_dtype(dtype: str) -> np.dtype:

@@ -34,7 +34,7 @@ ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffer addresses aligned to 
 WHOLE_BYTES = STAGE_BYTES - ALIGN  # a non-contiguous tensor up to this size is copied into staging in one go
 PIECE_BYTES = 1 << 20  # larger copies go piece by piece (each piece checked while in the CPU cache)
 FILL_THREADS = 2  # threads copying into staging (numpy releases the GIL while copying)
-TILE = (64, 256)  # a transposing copy goes in tiles of this many rows x columns of the destination
+TILE_ROWS, TILE_BYTES = 2048, 32  # a transposing copy goes in tiles of 2048 rows x 32 bytes of the destination
 
 Check = Callable[[np.ndarray], None]
 
@@ -83,7 +83,7 @@ def _fill(dst: np.ndarray, src: np.ndarray, check: Check | None, piece: int) -> 
             if check is not None:
                 check(d[i:i + step])
         return
-    if src.ndim == 2 and not src.flags.c_contiguous:
+    if src.ndim == 2 and src.strides[0] < src.strides[1]:  # transposed: columns are contiguous
         _copy_tiled(dst, src)
     else:
         np.copyto(dst, src)
@@ -92,10 +92,14 @@ def _fill(dst: np.ndarray, src: np.ndarray, check: Check | None, piece: int) -> 
 
 
 def _copy_tiled(dst: np.ndarray, src: np.ndarray) -> None:
-    """A strided (transposed) 2-D copy in tiles that stay in the CPU cache: numpy's
-    element loop over a whole transposed matrix misses the cache (and the TLB) on nearly
-    every read; in 64 x 256 tiles it ran 1.6x faster here."""
-    rows, cols = TILE
+    """A transposed 2-D copy in tall, narrow tiles (2048 rows of 32 bytes of the
+    destination: a few source rows, read along their contiguous direction, while the
+    destination's lines stay in the L1 cache).  numpy's element loop over a whole
+    transposed matrix misses the cache on nearly every read, worst where the source's
+    row stride is a multiple of 4 KiB; measured here on the gpt shapes (1280 and 5120
+    wide, float32 and 16-bit): 0.4-1.3 GB/s whole, 2.4-3.9 GB/s in these tiles (torch's
+    blocked transpose: 2.7)."""
+    rows, cols = TILE_ROWS, max(1, TILE_BYTES // dst.itemsize)
     n, m = dst.shape
     for i in range(0, n, rows):
         for j in range(0, m, cols):

@@ -17,7 +17,11 @@ def test_bench_smoke(tmp_path):
     res = run.main(["--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "res"), "--runs", "1", "--size", "tiny"])
     saved = json.loads((tmp_path / "res" / "latest-tiny.json").read_text())
     assert saved["table"] == res["table"]
-    assert set(saved["verdicts"]) >= {"convert_gpt", "convert_all", "memory_gpt", "check", "load_gpt", "load_s2mel", "load_bigvgan"}
+    assert set(saved["verdicts"]) >= {"convert_gpt", "convert_all", "memory_gpt", "check", "load_gpt", "load_s2mel", "load_bigvgan",
+                                      "convert_gpt_copy_or_hash", "no_torch_gpt", "no_torch_w2v-bert"}
+    # issue 16: the gpt and w2v-bert conversions of the bench release never import torch
+    assert saved["torch_free"]["imports_torch"] == {"gpt": False, "w2v-bert": False}
+    assert saved["torch_free"]["import_torch_median_s"] > 0 and saved["convert"]["gpt"]["sha256sum_median_s"] > 0
     for which in ("gpt", "all"):
         assert saved["convert"][which]["convert_median_s"] > 0 and saved["convert"][which]["copy_median_s"] > 0
     assert saved["memory"]["converter"]["runs"][0]["samples"] > 0
