@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from converters import safetensors_io as stio
-from converters.arrays import to_torch
+from converters.arrays import from_torch, to_torch
 from converters.errors import ConvertError
 from converters.sources import open_source
 
@@ -70,8 +70,9 @@ def _check_or_refuse(path, data: bytes) -> None:
     loaded = st_load(data)
     assert set(loaded) == set(h.tensors)
     for name, info in h.tensors.items():
-        t = to_torch(stio.read_array(str(path), info), info.dtype)
-        assert torch.equal(t, loaded[name])
+        got = stio.read_array(str(path), info)  # the same bytes (NaN payloads included), shape and dtype
+        assert got.tobytes() == from_torch(loaded[name]).tobytes() and to_torch(got, info.dtype).dtype == loaded[name].dtype
+        assert got.shape == tuple(loaded[name].shape)
 
 
 @FAST
