@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .arrays import NUMPY
 from .errors import ConvertError
 
 MAX_PICKLE_BYTES = 16 << 20  # data.pkl (and any other non-storage record torch inflates)
@@ -135,13 +136,19 @@ def read_record(path: str, f, info: zipfile.ZipInfo, limit: int) -> bytes:
     return data
 
 
-def _read_bounded(what: str, f, info: zipfile.ZipInfo) -> bytes:
+def _data_offset(what: str, f, info: zipfile.ZipInfo) -> int:
+    """Where a record's bytes start in the file: after its local header, whose name and
+    extra lengths may differ from the central directory's."""
     f.seek(info.header_offset)
     local = f.read(30)
     if len(local) != 30 or local[:4] != b"PK\x03\x04":
         raise ConvertError(f"{what}: no local header at its offset; the file is damaged")
     n_name, n_extra = struct.unpack("<HH", local[26:30])
-    f.seek(info.header_offset + 30 + n_name + n_extra)
+    return info.header_offset + 30 + n_name + n_extra
+
+
+def _read_bounded(what: str, f, info: zipfile.ZipInfo) -> bytes:
+    f.seek(_data_offset(what, f, info))
     if info.compress_type == zipfile.ZIP_STORED:
         if info.compress_size != info.file_size:
             raise ConvertError(f"{what}: stored with {info.compress_size} bytes but declares {info.file_size}; the file is damaged")
@@ -321,9 +328,13 @@ def load_arrays(path: str, mapped: bool) -> object:
         def base(st: _Storage) -> np.ndarray:
             if st.key not in bases:
                 info = infos[f"{prefix}data/{st.key}"]
-                dt = _np_dtype(st.dtype)
+                dt = NUMPY[st.dtype]
                 if mm is not None:
-                    bases[st.key] = np.ndarray((st.numel,), dt, buffer=mm, offset=_data_offset(path, f, info))
+                    what = f"{path}: zip record {info.filename}"
+                    start = _data_offset(what, f, info)
+                    if start + info.file_size > os.path.getsize(path):
+                        raise ConvertError(f"{what} lies past the end of the file; truncated")
+                    bases[st.key] = np.ndarray((st.numel,), dt, buffer=mm, offset=start)
                 else:
                     raw = bytearray(read_record(path, f, info, max(info.file_size, 1)))
                     bases[st.key] = np.frombuffer(raw, dtype=dt, count=st.numel)
@@ -415,25 +426,6 @@ class _RestrictedUnpickler(pickle._Unpickler):
         raise NeedsTorch(f"a BUILD of {type(inst).__name__}")
 
     dispatch[pickle.BUILD[0]] = load_build
-
-
-def _np_dtype(dtype: str) -> np.dtype:
-    from .arrays import NUMPY
-
-    return NUMPY[dtype]
-
-
-def _data_offset(path: str, f, info: zipfile.ZipInfo) -> int:
-    """Where a stored record's bytes start in the file (after its local header)."""
-    f.seek(info.header_offset)
-    local = f.read(30)
-    if len(local) != 30 or local[:4] != b"PK\x03\x04":
-        raise ConvertError(f"{path}: zip record {info.filename}: no local header at its offset; the file is damaged")
-    n_name, n_extra = struct.unpack("<HH", local[26:30])
-    start = info.header_offset + 30 + n_name + n_extra
-    if start + info.file_size > os.path.getsize(path):
-        raise ConvertError(f"{path}: zip record {info.filename} lies past the end of the file; truncated")
-    return start
 
 
 # ------------------------------------------------------------------ page population

@@ -14,10 +14,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from converters import arrays, engine, sources
+from converters.opspec import parse
 from tests.helpers import ROOT, convert_in_process, run_cli
 
 DEMO = os.path.join(ROOT, "demo", "release")
@@ -75,8 +77,6 @@ def test_half_precision_source_widens_in_numpy(tmp_path, monkeypatch, src_dtype)
 
 def test_what_computes_goes_to_torch():
     """Folds, exp and narrowing casts are not numpy's; moves, sqrt and exact widening are."""
-    from converters.opspec import parse
-
     assert arrays.numpy_capable(parse("split(dim=1,index=2,parts=3)|transpose"), ["BF16"], "BF16")
     assert arrays.numpy_capable(parse("sqrt"), ["F16"], "F32")
     assert arrays.numpy_capable(parse("squeeze(dim=0)"), ["F16"], "F32")
@@ -107,3 +107,41 @@ def test_gpt_w2v_bert_and_matrices_never_import_torch(tmp_path):
     for _, _, out in jobs:  # and they are the files the suite's other tests check against upstream
         assert os.path.getsize(out) > 0
     assert (tmp_path / "gpt.safetensors").read_bytes() == open(convert_in_process("gpt", DEMO, tmp_path / "again.safetensors"), "rb").read()
+
+
+@pytest.mark.parametrize("src,out", sorted(arrays.WIDEN))
+def test_widening_casts_are_torchs(src, out):
+    """Every widening numpy does gives torch's bytes, over every 16-bit pattern
+    (infinities, subnormals, NaNs) or random float32 bits, and 0-d inputs stay arrays.
+    One exception: torch's float16 -> float32 is not consistent for signalling NaNs
+    (its vectorised loop quiets the payload, its scalar tail returns 0x7fffffff); numpy
+    keeps the payload.  NaNs convert only with --allow-nonfinite, so for float16 NaNs
+    only NaN-ness is compared."""
+    from reference.load import DTYPES
+
+    if src in ("F16", "BF16"):
+        raw = np.arange(1 << 16, dtype=np.uint16)
+        x = raw.view(np.float16) if src == "F16" else raw
+    else:
+        x = np.random.default_rng(0).integers(0, 1 << 32, 1 << 16, dtype=np.uint32).view(np.float32)
+    want = arrays.to_torch(x.copy(), src).to(DTYPES[out])
+    got = arrays.apply_numpy([], x, src, out)
+    want = arrays.from_torch(want)
+    assert got.dtype == arrays.NUMPY[out] == want.dtype
+    nan = np.isnan(got)
+    assert np.array_equal(nan, np.isnan(want)) and nan.sum() == (2046 if src == "F16" else nan.sum())
+    keep = ~nan if src == "F16" else np.ones_like(nan)
+    assert got[keep].tobytes() == want[keep].tobytes()
+    scalar = arrays.apply_numpy(parse("squeeze(dim=0)"), x[:1], src, out)
+    assert isinstance(scalar, np.ndarray) and scalar.shape == () and scalar.tobytes() == got[:1].tobytes()
+
+
+def test_sqrt_is_correctly_rounded_in_both_paths():
+    """numpy's sqrt and the torch path's (which uses it) equal the float64 square root
+    rounded to float32: exact, float64 having over twice float32's precision."""
+    from converters import ops
+
+    v = np.random.default_rng(1).random(4096, dtype=np.float32) * 10
+    exact = np.sqrt(v.astype(np.float64)).astype(np.float32)
+    assert arrays.apply_numpy(parse("sqrt"), v, "F32", "F32").tobytes() == exact.tobytes()
+    assert ops.apply("sqrt", [torch.from_numpy(v)]).numpy().tobytes() == exact.tobytes()
