@@ -151,7 +151,7 @@ for _kind in registry.MODELS:
 
 
 def _all_command():
-    from .release import ITEMS, VOCODER
+    from .discovery import ITEMS, VOCODER
 
     all_choices = {name: spec for kind in registry.CHOICES for name, spec in registry.CHOICES[kind].items()}
 

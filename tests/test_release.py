@@ -276,6 +276,7 @@ def test_up_to_date_run_hashes_nothing_and_sources_are_hashed_before_their_outpu
     """In process: the first run asks for every source's hash in conversion order
     before any conversion; a second, up-to-date run asks for none."""
     from converters import engine, release as rel
+    from converters.discovery import ITEMS
     from converters.hashing import SERVICE
 
     asked, events = [], []
@@ -289,7 +290,7 @@ def test_up_to_date_run_hashes_nothing_and_sources_are_hashed_before_their_outpu
     checkpoints = [a for a in asked[:first_convert] if a.endswith((".pt", ".pth", ".bin", ".safetensors"))]
     assert checkpoints[:2] == ["feat1.pt", "feat2.pt"] and checkpoints[-1] == "gpt.pth", checkpoints
     assert "wav2vec2bert_stats.pt" in checkpoints
-    assert [e[1] for e in events] == [i.kind for i in rel.ITEMS]
+    assert [e[1] for e in events] == [i.kind for i in ITEMS]
     asked.clear()
     m = rel.convert_all(str(release), str(out), {}, "keep", False, True, False, echo=lambda m: None)
     assert asked == [] and set(m["files"]) == set(OUTS)
