@@ -117,35 +117,31 @@ def _perceiver(dim: int, dim_context: int, mult, heads: int, latents: int) -> di
     }
 
 
-def runtime_config(raw: dict, path: str) -> dict:
-    need = ("model_dim", "layers", "heads", "max_text_tokens", "max_mel_tokens", "number_text_tokens",
-            "number_mel_codes", "start_text_token", "stop_text_token", "start_mel_token", "stop_mel_token",
-            "condition_type", "condition_module", "emo_condition_module")
-    require(raw, need, path, "gpt")
-    if raw["condition_type"] != "conformer_perceiver":
-        raise ConvertError(f"{path}: gpt.condition_type {raw['condition_type']!r} is not supported (IndexTTS-2 uses 'conformer_perceiver')")
+# The ints both releases' gpt: sections must have, carried over as they are.
+CORE_INTS = ("model_dim", "layers", "heads", "max_text_tokens", "max_mel_tokens", "number_text_tokens",
+             "number_mel_codes", "start_text_token", "stop_text_token", "start_mel_token", "stop_mel_token")
+
+
+def core_config(raw: dict, path: str, release: str) -> dict:
+    """What IndexTTS-2.0's and 2.5's GPT share (``release`` names the one the caller
+    converts, in errors): the GPT-2 stack, the token ids and vocabularies, the position
+    tables; the flags they support checked.  The caller has run ``require`` and adds its
+    conditioning stacks."""
     if not raw.get("use_mel_codes_as_input", True):
         raise ConvertError(f"{path}: gpt.use_mel_codes_as_input false (a MelEncoder front end) is not supported")
     if raw.get("train_solo_embeddings", False):
-        raise ConvertError(f"{path}: gpt.train_solo_embeddings true is not supported (IndexTTS-2 uses false)")
+        raise ConvertError(f"{path}: gpt.train_solo_embeddings true is not supported ({release} uses false)")
     d, heads = int(raw["model_dim"]), int(raw["heads"])
     if d % heads:
         raise ConvertError(f"{path}: gpt.model_dim {d} is not divisible by heads {heads}")
     types = int(raw.get("types", 1))
     max_cond = int(raw.get("max_conditioning_inputs", 1))
-    n_latent = int(raw.get("condition_num_latent", 32))
-    cfg = {k: int(raw[k]) for k in ("model_dim", "layers", "heads", "max_text_tokens", "max_mel_tokens",
-                                     "number_text_tokens", "number_mel_codes", "start_text_token",
-                                     "stop_text_token", "start_mel_token", "stop_mel_token")}
-    cond = _conformer(raw, "condition_module", path)
-    emo = _conformer(raw, "emo_condition_module", path)
+    cfg = {k: int(raw[k]) for k in CORE_INTS}
     cfg.update({
-        "condition_type": "conformer_perceiver",
         "use_mel_codes_as_input": True,
         "train_solo_embeddings": False,
         "types": types,
         "max_conditioning_inputs": max_cond,
-        "condition_num_latent": n_latent,
         "mel_length_compression": int(raw.get("mel_length_compression", 1024)),
         # derived sizes, so a runtime does not recompute them
         "head_dim": d // heads,
@@ -158,16 +154,38 @@ def runtime_config(raw: dict, path: str) -> dict:
         "gpt_position_embeddings": "none",  # wpe is replaced by zeros; learned mel/text position tables are added outside
         "final_norm_eps": LN_EPS,
         "emovec_in": EMOVEC_IN,
-        # upstream's own config mappings, verbatim
-        "condition_module": dict(raw["condition_module"]),
+    })
+    return cfg
+
+
+def emotion_stacks(raw: dict, path: str) -> dict:
+    """The emotion conditioning entries (the same in both releases): upstream's mapping
+    verbatim, and the Conformer and Perceiver parameters."""
+    emo = _conformer(raw, "emo_condition_module", path)
+    return {
         "emo_condition_module": dict(raw["emo_condition_module"]),
-        # per-stack parameters (dims differ between the stacks)
-        "conditioning_encoder": cond,
         "emo_conditioning_encoder": emo,
-        "perceiver_encoder": _perceiver(d, cond["output_size"], raw["condition_module"]["perceiver_mult"],
-                                        cond["attention_heads"], n_latent),
         "emo_perceiver_encoder": _perceiver(EMO_PERCEIVER_DIM, emo["output_size"], raw["emo_condition_module"]["perceiver_mult"],
                                             emo["attention_heads"], 1),
+    }
+
+
+def runtime_config(raw: dict, path: str) -> dict:
+    require(raw, CORE_INTS + ("condition_type", "condition_module", "emo_condition_module"), path, "gpt")
+    if raw["condition_type"] != "conformer_perceiver":
+        raise ConvertError(f"{path}: gpt.condition_type {raw['condition_type']!r} is not supported (IndexTTS-2 uses 'conformer_perceiver')")
+    cfg = core_config(raw, path, "IndexTTS-2")
+    n_latent = int(raw.get("condition_num_latent", 32))
+    cond = _conformer(raw, "condition_module", path)
+    cfg.update({
+        "condition_type": "conformer_perceiver",
+        "condition_num_latent": n_latent,
+        # upstream's own config mapping, verbatim, and the stack's parameters
+        "condition_module": dict(raw["condition_module"]),
+        "conditioning_encoder": cond,
+        "perceiver_encoder": _perceiver(cfg["model_dim"], cond["output_size"], raw["condition_module"]["perceiver_mult"],
+                                        cond["attention_heads"], n_latent),
+        **emotion_stacks(raw, path),
     })
     return cfg
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from . import gpt as v2
 from .configs import require
-from .errors import ConvertError
 from .table import WB, Drop, keep, row
 
 load_config = v2.load_config
@@ -54,48 +53,15 @@ DROPS: list[Drop] = [
 
 
 def runtime_config(raw: dict, path: str) -> dict:
-    need = ("model_dim", "layers", "heads", "max_text_tokens", "max_mel_tokens", "number_text_tokens",
-            "number_mel_codes", "start_text_token", "stop_text_token", "start_mel_token", "stop_mel_token",
-            "emo_condition_module")
-    require(raw, need, path, "gpt")
-    if not raw.get("use_mel_codes_as_input", True):
-        raise ConvertError(f"{path}: gpt.use_mel_codes_as_input false (a MelEncoder front end) is not supported")
-    if raw.get("train_solo_embeddings", False):
-        raise ConvertError(f"{path}: gpt.train_solo_embeddings true is not supported (IndexTTS-2.5 uses false)")
-    d, heads = int(raw["model_dim"]), int(raw["heads"])
-    if d % heads:
-        raise ConvertError(f"{path}: gpt.model_dim {d} is not divisible by heads {heads}")
-    types = int(raw.get("types", 1))
-    max_cond = int(raw.get("max_conditioning_inputs", 1))
-    cfg = {k: int(raw[k]) for k in ("model_dim", "layers", "heads", "max_text_tokens", "max_mel_tokens",
-                                     "number_text_tokens", "number_mel_codes", "start_text_token",
-                                     "stop_text_token", "start_mel_token", "stop_mel_token")}
-    emo = v2._conformer(raw, "emo_condition_module", path)
+    require(raw, v2.CORE_INTS + ("emo_condition_module",), path, "gpt")
+    cfg = v2.core_config(raw, path, "IndexTTS-2.5")
     cfg.update({
-        "use_mel_codes_as_input": True,
-        "train_solo_embeddings": False,
-        "types": types,
-        "max_conditioning_inputs": max_cond,
-        "mel_length_compression": int(raw.get("mel_length_compression", 1024)),
-        "head_dim": d // heads,
-        "text_vocab_size": int(raw["number_text_tokens"]) * types + 1,
-        "mel_positions": int(raw["max_mel_tokens"]) + 2 + max_cond,
-        "text_positions": int(raw["max_text_tokens"]) + 2,
-        "gpt_n_inner": 4 * d,
-        "gpt_activation": "gelu_new",
-        "gpt_layer_norm_epsilon": v2.LN_EPS,
-        "gpt_position_embeddings": "none",
-        "final_norm_eps": v2.LN_EPS,
-        "emovec_in": v2.EMOVEC_IN,
         "speaker_conditioning": "campplus",  # spk_emb_proj(CAMPPlus style), one latent
         "speaker_embedding_dim": SPEAKER_EMBEDDING_DIM,
         "condition_zero_rows": CONDITION_ZERO_ROWS,
         "languages": list(LANGUAGES),
         "language_vocab_size": len(LANGUAGES) + 1,
-        "emo_condition_module": dict(raw["emo_condition_module"]),
-        "emo_conditioning_encoder": emo,
-        "emo_perceiver_encoder": v2._perceiver(v2.EMO_PERCEIVER_DIM, emo["output_size"],
-                                               raw["emo_condition_module"]["perceiver_mult"], emo["attention_heads"], 1),
+        **v2.emotion_stacks(raw, path),
     })
     return cfg
 
