@@ -18,3 +18,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory):
+    """The demo release converted once per test process with ``all`` (the CLI in this
+    process), shared by the modules that only read it; a test that changes files works
+    on a copy."""
+    from tests.helpers import ROOT, run_cli
+
+    out = tmp_path_factory.mktemp("demo-bundle") / "canonical"
+    run_cli("all", "--src", os.path.join(ROOT, "demo", "release"), "--out", out, "--quiet")
+    return out

@@ -145,3 +145,18 @@ def assert_std_of(std: torch.Tensor, var: torch.Tensor) -> None:
     assert var.dtype == torch.float32 and std.dtype == torch.float32
     assert torch.equal(std, torch.sqrt(var.double()).float())
     torch.testing.assert_close(std, torch.sqrt(var), rtol=2.0 ** -23, atol=0.0)
+
+
+def copy_release(src: str, tmp_path) -> "os.PathLike":
+    """A writable copy of a release folder (a demo), at ``tmp_path/release``."""
+    import shutil
+
+    d = tmp_path / "release"
+    shutil.copytree(src, d)
+    return d
+
+
+def manifest(folder) -> dict:
+    """A bundle's ``manifest.json``, parsed."""
+    with open(os.path.join(folder, "manifest.json")) as f:
+        return json.load(f)

@@ -13,27 +13,19 @@ import pytest
 import yaml
 
 from converters import pipeline, schema
-from tests.helpers import ROOT, assert_refused, metadata, rewrite, run_cli
+from tests.helpers import ROOT, assert_refused, copy_release, manifest, metadata, rewrite, run_cli
 
 DEMO = os.path.join(ROOT, "demo", "release")
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundle") / "canonical"
-    run_cli("all", "--src", DEMO, "--out", out, "--quiet")
-    return out
+@pytest.fixture
+def bundle(demo_bundle):
+    return demo_bundle  # read only (conftest)
 
 
 @pytest.fixture
 def release(tmp_path):
-    d = tmp_path / "release"
-    shutil.copytree(DEMO, d)
-    return d
-
-
-def _manifest(out) -> dict:
-    return json.loads((out / "manifest.json").read_text())
+    return copy_release(DEMO, tmp_path)
 
 
 def _edit_config(release, edit) -> None:
@@ -46,7 +38,7 @@ def _edit_config(release, edit) -> None:
 
 
 def test_manifest_pipeline_is_documented_by_the_schema(bundle):
-    m = _manifest(bundle)
+    m = manifest(bundle)
     doc = schema.load_schema()["pipeline"]
     documented = {k.split(".")[0] for k in doc["keys"]}
     assert set(m["pipeline"]) == documented
@@ -55,7 +47,7 @@ def test_manifest_pipeline_is_documented_by_the_schema(bundle):
 
 
 def test_pipeline_values_come_from_the_files_and_the_release(bundle):
-    p = _manifest(bundle)["pipeline"]
+    p = manifest(bundle)["pipeline"]
     s2 = json.loads(metadata(str(bundle / "s2mel.safetensors"))["config"])
     gpt = json.loads(metadata(str(bundle / "gpt.safetensors"))["config"])
     mel = p["front_ends"]["s2mel_mel"]
@@ -77,7 +69,7 @@ def test_preprocessor_config_absent_is_said(release, tmp_path):
     os.unlink(release / "w2v-bert-2.0" / "preprocessor_config.json")
     out = tmp_path / "out"
     run_cli("all", "--src", release, "--out", out, "--quiet")
-    src = _manifest(out)["pipeline"]["front_ends"]["w2v_bert_features"]["source"]
+    src = manifest(out)["pipeline"]["front_ends"]["w2v_bert_features"]["source"]
     assert "class defaults" in src and "no preprocessor_config.json" in src
 
 
@@ -85,7 +77,7 @@ def test_preprocessor_config_absent_is_said(release, tmp_path):
 
 
 def test_tokenizer_and_classifier_are_in_the_bundle(bundle):
-    m = _manifest(bundle)
+    m = manifest(bundle)
     assert m["absent"] == {}
     tok, emo = m["bundle"]["tokenizer"], m["bundle"]["emotion_classifier"]
     assert tok["path"] == "bpe.model" and list(tok["files"]) == ["bpe.model"]
@@ -113,7 +105,7 @@ def test_release_without_them_converts_and_says_so(release, tmp_path):
     out = tmp_path / "out"
     p = run_cli("all", "--src", release, "--out", out, "--quiet")
     assert "tokenizer: absent" in p.stdout
-    m = _manifest(out)
+    m = manifest(out)
     assert m["bundle"] == {}
     assert "bpe.model (config.yaml dataset.bpe_model) is not in the release folder" == m["absent"]["tokenizer"]
     assert "qwen0.6bemo4-merge" in m["absent"]["emotion_classifier"]

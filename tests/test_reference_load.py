@@ -19,16 +19,14 @@ from safetensors.torch import save_file
 
 from reference.header import layout_problems, read_header
 from reference.load import CanonicalFile, LoadError, load
-from tests.helpers import ROOT, convert_in_process, run_cli
+from tests.helpers import ROOT, convert_in_process
 
 DEMO = os.path.join(ROOT, "demo", "release")
 
 
-@pytest.fixture(scope="module")
-def demo_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("canonical")
-    run_cli("all", "--src", DEMO, "--out", out, "--quiet")
-    return out
+@pytest.fixture
+def demo_out(demo_bundle):
+    return demo_bundle  # read only (conftest)
 
 
 def _library(path: str) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import ROOT, assert_refused, metadata, run_cli
+from tests.helpers import ROOT, assert_refused, copy_release, manifest, metadata, run_cli
 
 DEMO = os.path.join(ROOT, "demo", "release")
 OUTS = ["bigvgan.safetensors", "campplus.safetensors", "emotion_matrix.safetensors", "gpt.safetensors",
@@ -21,9 +20,7 @@ COPIED = ["bpe.model", "qwen0.6bemo4-merge"]  # the tokenizer and emotion classi
 
 @pytest.fixture
 def release(tmp_path):
-    d = tmp_path / "release"
-    shutil.copytree(DEMO, d)
-    return d
+    return copy_release(DEMO, tmp_path)
 
 
 def _sha(p):
@@ -39,7 +36,7 @@ def test_all_writes_manifest_and_checks(release, tmp_path):
     p = run_cli("all", "--src", release, "--out", out, "--quiet")
     assert "in the release folder" in p.stdout
     assert sorted(os.listdir(out)) == sorted(OUTS + COPIED + ["manifest.json"])
-    m = json.loads((out / "manifest.json").read_text())
+    m = manifest(out)
     assert m["options"] == {"dtype": "keep", "allow_nonfinite": False, "profile": "full"}
     for n in OUTS:
         e = m["files"][n]
@@ -81,7 +78,7 @@ def test_a_changed_converter_redoes_its_output(release, tmp_path, monkeypatch):
 
     out = tmp_path / "out"
     run_cli("all", "--src", release, "--out", out, "--quiet")
-    m = json.loads((out / "manifest.json").read_text())
+    m = manifest(out)
     assert all(m["files"][n]["fingerprint"] == registry.converter_fingerprint(m["files"][n]["model"]) for n in OUTS)
     before = _mtimes(out)
     real = registry.converter_fingerprint
@@ -89,7 +86,7 @@ def test_a_changed_converter_redoes_its_output(release, tmp_path, monkeypatch):
     p = run_cli("all", "--src", release, "--out", out, "--quiet")
     after = _mtimes(out)
     assert [n for n in OUTS if after[n] != before[n]] == ["s2mel.safetensors"], p.stdout
-    assert json.loads((out / "manifest.json").read_text())["files"]["s2mel.safetensors"]["fingerprint"].endswith("-changed")
+    assert manifest(out)["files"]["s2mel.safetensors"]["fingerprint"].endswith("-changed")
 
 
 def test_fingerprint_follows_the_code_and_the_schema(monkeypatch):
@@ -200,7 +197,7 @@ def test_interrupted_all_says_what_it_kept(release, tmp_path, monkeypatch):
     out = tmp_path / "out"
     p = run_cli("all", "--src", release, "--out", out, "--quiet", expect=130)
     assert "interrupted; the file being written was discarded" in p.stderr and "are kept" in p.stderr
-    m = json.loads((out / "manifest.json").read_text())
+    m = manifest(out)
     assert sorted(m["files"]) == ["emotion_matrix.safetensors", "speaker_matrix.safetensors"]
     run_cli("check", out)
 
@@ -212,7 +209,7 @@ def test_explicit_flag_wins(release, tmp_path):
     assert f"bigvgan: {other} (given on the command line)" in p.stdout
 
 
-def test_check_validates_manifest(release, tmp_path):
+def test_check_validatesmanifest(release, tmp_path):
     out = tmp_path / "out"
     run_cli("all", "--src", release, "--out", out, "--quiet")
     shutil.copy(out / "bigvgan.safetensors", out / "stray.safetensors")
@@ -264,7 +261,7 @@ def test_verify_every_demo_output(release, tmp_path):
     splits, regenerated buffers) from its source and finds no difference."""
     out = tmp_path / "out"
     run_cli("all", "--src", release, "--out", out, "--quiet")
-    m = json.loads((out / "manifest.json").read_text())
+    m = manifest(out)
     assert sorted(m["files"]) == sorted(OUTS)
     for name, entry in m["files"].items():
         src = entry["sources"]["checkpoint"]["path"]

@@ -11,11 +11,10 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 import yaml
 
 from converters import family, pipeline, schema
-from tests.helpers import ROOT, assert_refused, metadata, rewrite, run_cli
+from tests.helpers import ROOT, assert_refused, copy_release, manifest, metadata, rewrite, run_cli
 
 DEMO = os.path.join(ROOT, "demo", "release-2.5")
 DEMO_20 = os.path.join(ROOT, "demo", "release")
@@ -33,13 +32,7 @@ def converted(tmp_path_factory):
 
 @pytest.fixture
 def release(tmp_path):
-    d = tmp_path / "release"
-    shutil.copytree(DEMO, d)
-    return d
-
-
-def _manifest(out) -> dict:
-    return json.loads((out / "manifest.json").read_text())
+    return copy_release(DEMO, tmp_path)
 
 
 # ------------------------------------------------------------------ telling the versions apart
@@ -109,7 +102,7 @@ def test_all_converts_the_demo_release(converted):
                       ("bigvgan", "hf_cache/bigvgan"), ("semantic-codec", "codec.pth")):
         assert f"{kind}: {os.path.join(DEMO, rel)} (in the release folder)" in stdout, kind
     assert "hf_cache/semantic_codec_model.safetensors: not converted" in stdout
-    m = _manifest(out)
+    m = manifest(out)
     assert m["family_version"] == "2.5" and sorted(m["files"]) == OUTS
     assert all(e["family_version"] == "2.5" for e in m["files"].values())
     assert m["files"]["semantic_codec.safetensors"]["sources"]["checkpoint"]["path"].endswith("codec.pth")
@@ -129,7 +122,7 @@ def test_bundle_has_the_tiktoken_tokenizer(converted):
     """infer_v2_5 reads <model_dir>/multilingual_zh_ja_yue_char_del.tiktoken (no config key
     names it; the config's dataset.bpe_model is 2.0's and is not read)."""
     out, _ = converted
-    m = _manifest(out)
+    m = manifest(out)
     assert m["absent"] == {}
     tok = m["bundle"]["tokenizer"]
     assert tok["path"] == TIKTOKEN and list(tok["files"]) == [TIKTOKEN] and "tiktoken" in tok["role"]
@@ -142,7 +135,7 @@ def test_bundle_has_the_tiktoken_tokenizer(converted):
 
 def test_pipeline_2_5(converted):
     out, _ = converted
-    p = _manifest(out)["pipeline"]
+    p = manifest(out)["pipeline"]
     doc = schema.load_schema()["pipeline"]
     assert set(p) - {"unused"} == {k.split(".")[0] for k in doc["keys"]}
     steps = [f["step"] for f in p["flow"]]

@@ -5,7 +5,6 @@ provenance check alone passes, and refuses plainly when upstream code is missing
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,16 +14,14 @@ from click.testing import CliRunner
 
 from converters.cli import main
 from reference.entry import MODULES, entries
-from tests.helpers import ROOT, assert_refused, convert_in_process, run_cli, swap_rows
+from tests.helpers import ROOT, assert_refused, convert_in_process, manifest, swap_rows
 
 DEMO = os.path.join(ROOT, "demo", "release")
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fwd") / "canonical"
-    run_cli("all", "--src", DEMO, "--out", out, "--quiet")
-    return out
+@pytest.fixture
+def bundle(demo_bundle):
+    return demo_bundle  # read only (conftest)
 
 
 def verify(*args):
@@ -35,7 +32,7 @@ def verify(*args):
 def test_passes_on_every_demo_model(bundle):
     """Sources and configs as the manifest records them; the config is given only for the
     semantic codec, whose Hugging Face folder has none (``all`` passes the release's)."""
-    files = json.loads((bundle / "manifest.json").read_text())["files"]
+    files = manifest(bundle)["files"]
     kinds = {e["model"] for e in files.values()}
     assert kinds == set(MODULES)
     for name, e in sorted(files.items()):

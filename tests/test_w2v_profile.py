@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from converters import schema
-from tests.helpers import back_to_upstream, load_canonical, metadata, run_cli
+from tests.helpers import back_to_upstream, load_canonical, manifest, metadata, run_cli
 from tests.upstream import w2v_bert as up
 
 H = up.TINY["hidden_size"]
@@ -93,7 +93,7 @@ def test_all_with_profile(tmp_path):
     shutil.copytree(os.path.join(ROOT, "demo", "release"), rel)
     out = tmp_path / "out"
     run_cli("all", "--src", rel, "--out", out, "--profile", "indextts2", "--quiet")
-    m = json.loads((out / "manifest.json").read_text())
+    m = manifest(out)
     assert m["files"]["w2v_bert.safetensors"]["options"]["profile"] == "indextts2"
     assert "profile" not in m["files"]["gpt.safetensors"]["options"]
     assert json.loads(metadata(out / "w2v_bert.safetensors")["config"])["profile"] == "indextts2"

@@ -72,6 +72,13 @@ def build(cfg: dict | None = None, seed: int = 0):
 
         transformers.logging.set_verbosity_error()
         m = mv.UnifiedVoice(**(cfg or TINY))
+    randomize(m)
+    return m.eval()
+
+
+def randomize(m) -> None:
+    """Random values in every parameter, each kind at a trained-like scale: norm gains
+    near 1, biases and position biases small, the rest ~ 1/sqrt(fan-in)."""
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith(("norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight", "gamma")) or ".norm_" in name and name.endswith("weight"):
@@ -80,7 +87,6 @@ def build(cfg: dict | None = None, seed: int = 0):
                 p.copy_(0.2 * torch.randn_like(p))
             else:
                 p.copy_(torch.randn_like(p) / max(1, p.shape[-1]) ** 0.5)
-    return m.eval()
 
 
 def release_state_dict(m) -> dict:

@@ -18,7 +18,6 @@ import os
 import warnings
 
 import torch
-import yaml
 
 from . import gpt as v2
 
@@ -48,14 +47,8 @@ def build(cfg: dict | None = None, seed: int = 0):
 
         transformers.logging.set_verbosity_error()
         m = mv.UnifiedVoice(**cfg)
+    v2.randomize(m)  # the same draws in the same order as before: the 2.5 demo stays byte-identical
     with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith(("norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight", "gamma")) or ".norm_" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias") or "pos_bias" in name:
-                p.copy_(0.2 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / max(1, p.shape[-1]) ** 0.5)
         pe = m.emo_conditioning_encoder.embed.pos_enc.pe
         pe.copy_(pe.to(torch.bfloat16).to(pe.dtype))
         add_text_head(m, cfg)
@@ -85,11 +78,7 @@ def release_state_dict(m) -> dict:
     return out
 
 
-def write_config(folder: str, cfg: dict | None = None) -> str:
-    path = os.path.join(folder, "config.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump({"gpt": copy.deepcopy(cfg or TINY)}, f, sort_keys=False)
-    return path
+write_config = v2.write_config  # the same gpt: section (TINY is 2.0's)
 
 
 def save_release(m, folder: str, cfg: dict | None = None, fmt: str = "pth", dtype: torch.dtype | None = None) -> str:
