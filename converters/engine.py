@@ -368,8 +368,9 @@ def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool, hash_o
     # The writer's copy threads (and the hashing child) are the parallelism here; torch's
     # own intra-op threads would only multiply them (measured: single-threaded sums and
     # transposes were faster on 2 cores), so each op runs on one thread.
-    threads = torch.get_num_threads() if torch is not None else None
+    threads = None
     if torch is not None:
+        threads = torch.get_num_threads()
         torch.set_num_threads(1)
     try:
         check = lambda: unchanged_sources(p)  # noqa: E731
@@ -380,6 +381,6 @@ def write(p: Prepared, out_path: str, quiet: bool, allow_nonfinite: bool, hash_o
     except OSError as e:
         raise ConvertError(f"{out_path}: write failed: {e.strerror or e}; nothing was written there") from None
     finally:
-        if torch is not None:
+        if threads is not None:
             torch.set_num_threads(threads)
         bar.close()

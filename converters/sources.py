@@ -57,8 +57,8 @@ class Source:
     ``inspect`` and ``verify`` use.
 
     ``shapes`` and ``dtypes`` (safetensors dtype names) describe every tensor (by flat
-    name), ``dropped`` what the reader left out and why, ``notes`` what it did (unwrapping, prefixes), ``metadata``
-    a safetensors file's ``__metadata__``.  ``get(name)`` returns one tensor; ``close()``
+    name), ``dropped`` what the reader left out and why, ``notes`` what it did
+    (unwrapping, prefixes), ``metadata`` a safetensors file's ``__metadata__``.  ``get(name)`` returns one tensor; ``close()``
     releases the file (idempotent; ``get`` is refused afterwards).
 
     The readers are :class:`SafetensorsSource` and :class:`MappingSource`
