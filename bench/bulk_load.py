@@ -132,14 +132,37 @@ def child(method: str, files: list[str], device: str, threads: int, piece: int) 
         if not cuda:
             _touch(t for sd in sds for t in sd.values())
     elif method == "ours" or method.startswith("ours-"):
-        staging = method[len("ours-"):] if method.startswith("ours-") else "pinned"
+        staging, copier = _variant(method)
         timings: dict = {}
-        out = rl.load(files, device=device, threads=threads, piece_bytes=piece, staging=staging, timings=timings)
+        out = rl.load(files, device=device, threads=threads, piece_bytes=piece, staging=staging, copier=copier,
+                      timings=timings)
         if not cuda:
             _touch(t for f in out.values() for t in f.tensors.values())
         else:
             torch.cuda.synchronize()
         return {"s": time.perf_counter() - t0, "bytes": nbytes, "timings": {k: round(v, 4) for k, v in timings.items()}}
+    elif method.startswith("verify-"):
+        from safetensors.torch import load_file
+
+        staging, copier = _variant("ours-" + method[len("verify-"):])
+        timings = {}
+        out = rl.load(files, device=device, threads=threads, piece_bytes=piece, staging=staging, copier=copier,
+                      timings=timings)
+        by_path = {f.path: f for f in out.values()}
+        n, bad = 0, []
+        for p in files:
+            lib = load_file(p, device=device)
+            mine = by_path[p]
+            if sorted(lib) != sorted(mine.tensors):
+                bad.append(f"{p}: names differ")
+            for name, t in lib.items():
+                n += 1
+                a = mine.tensors.get(name)
+                if a is None or a.dtype != t.dtype or a.shape != t.shape or not torch.equal(
+                        a.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)):
+                    bad.append(f"{os.path.basename(p)}: {name}")
+            del lib
+        return {"tensors": n, "mismatches": bad[:10], "n_bad": len(bad), "timings": timings}
     elif method == "page_cache":
         nbytes = _page_cache(files, threads, piece)
     elif method == "h2d":
@@ -153,14 +176,15 @@ def child(method: str, files: list[str], device: str, threads: int, piece: int) 
             n = min(size, nbytes - done)
             dev[:n].copy_(host[:n], non_blocking=True)
             done += n
-    elif method == "grid":
+    elif method.startswith("grid"):
+        staging, copier = _variant("ours" + method[len("grid"):])
         rows = []
         for th, pc in GRID:
             times = []
             for _ in range(2):
                 torch.cuda.synchronize() if cuda else None
                 t = time.perf_counter()
-                out = rl.load(files, device=device, threads=th, piece_bytes=pc)
+                out = rl.load(files, device=device, threads=th, piece_bytes=pc, staging=staging, copier=copier)
                 torch.cuda.synchronize() if cuda else None
                 times.append(time.perf_counter() - t)
                 del out
@@ -173,6 +197,12 @@ def child(method: str, files: list[str], device: str, threads: int, piece: int) 
         torch.cuda.synchronize()
     s = time.perf_counter() - t0
     return {"s": s, "bytes": nbytes}
+
+
+def _variant(method: str) -> tuple[str, str]:
+    """``ours``, ``ours-STAGING`` or ``ours-STAGING-COPIER`` -> (staging, copier)."""
+    parts = method.split("-")[1:]
+    return (parts[0] if parts else "pinned"), (parts[1] if len(parts) > 1 else "auto")
 
 
 # ------------------------------------------------------------------ the measurement (parent)
@@ -202,27 +232,97 @@ def _warm(files) -> None:
                 pass
 
 
-def _run_child(method, files, device, threads, piece) -> dict:
+def _run_child(method, files, device, threads, piece, timeout=None) -> dict:
     cmd = [sys.executable, "-m", "bench.bulk_load", "_child", method, device, str(threads), str(piece), *files]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, timeout=timeout).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
+def explore(folder: str, device: str = "cuda", variants=None, runs: int = 3, log=print) -> dict:
+    """Loader variants ``(staging, copier, threads, piece MiB)``, each first checked
+    byte for byte against ``load_file`` on the device, then timed in fresh processes
+    (alternating with ``load_file``).  The result names the fastest verified variant."""
+    files = large_files(folder)
+    nbytes = sum(os.path.getsize(f) for f in files)
+    variants = variants or EXPLORE
+    res: dict = {"device": device, "bytes": nbytes, "verify": {}, "warm": {}, "timings": {}, "failed": {}}
+    _warm(files)
+    for st, cp in sorted({(v[0], v[1]) for v in variants}):
+        key = f"{st}-{cp}"
+        try:
+            r = _run_child(f"verify-{key}", files, device, 16, 8 << 20, timeout=120)
+            res["verify"][key] = r
+            log(f"verify {key}: {r['tensors'] - r['n_bad']}/{r['tensors']} tensors identical to load_file "
+                f"({r['timings'].get('staging')}, {r['timings'].get('copier')})" + (f" BAD {r['mismatches']}" if r["n_bad"] else ""))
+        except (subprocess.SubprocessError, ValueError, IndexError) as e:
+            err = getattr(e, "stderr", "") or str(e)
+            res["failed"][key] = str(err)[-600:]
+            log(f"verify {key}: FAILED {str(err)[-600:]}")
+    ok = {k for k, r in res["verify"].items() if not r["n_bad"] and r["tensors"]}
+    names = ["load_file"] + [f"{st}-{cp}-{th}x{pc}" for st, cp, th, pc in variants if f"{st}-{cp}" in ok]
+    for _ in range(runs):
+        for name in names:
+            if name in res["failed"]:
+                continue
+            if name == "load_file":
+                method, th, pc = "load_file", 16, 8 << 20
+            else:
+                st, cp, thpc = name.split("-")
+                th, pc = (int(x) for x in thpc.split("x"))
+                method, pc = f"ours-{st}-{cp}", pc << 20
+            try:
+                r = _run_child(method, files, device, th, pc, timeout=120)
+            except (subprocess.SubprocessError, ValueError, IndexError) as e:
+                res["failed"][name] = str(getattr(e, "stderr", "") or e)[-600:]
+                log(f"{name}: FAILED {res['failed'][name]}")
+                continue
+            res["warm"].setdefault(name, []).append(round(r["s"], 4))
+            if "timings" in r:
+                res["timings"].setdefault(name, []).append(r["timings"])
+            log(f"{name}: {r['s']:.3f} s ({nbytes / r['s'] / 1e9:.1f} GB/s) {r.get('timings', '')}")
+    med = {k: statistics.median(v) for k, v in res["warm"].items() if k not in res["failed"]}
+    base = med.get("load_file")
+    lines = [f"| loader | median s | GB/s | vs load_file | runs |", "|---|---|---|---|---|"]
+    for k, m in sorted(med.items(), key=lambda kv: kv[1]):
+        lines.append(f"| {k} | {m:.3f} | {nbytes / m / 1e9:.1f} | {base / m:.1f}x | {res['warm'][k]} |" if base else
+                     f"| {k} | {m:.3f} | {nbytes / m / 1e9:.1f} | | {res['warm'][k]} |")
+    res["table"] = "\n".join(lines)
+    ours = {k: m for k, m in med.items() if k != "load_file"}
+    if ours:
+        best = min(ours, key=ours.get)
+        st, cp, thpc = best.split("-")
+        th, pc = (int(x) for x in thpc.split("x"))
+        res["best"] = {"name": best, "staging": st, "copier": cp, "threads": th, "piece_mib": pc,
+                       "median_s": round(ours[best], 4)}
+    log(res["table"])
+    log(f"best: {res.get('best')}")
+    return res
+
+
+EXPLORE = [("pinned", "torch", 16, 8), ("pinned", "cudart", 16, 8), ("hostalloc", "cudart", 16, 8),
+           ("registered", "cudart", 16, 8), ("pinned", "cudart", 16, 4), ("hostalloc", "cudart", 16, 4),
+           ("registered", "cudart", 16, 4), ("hostalloc", "cudart", 16, 2), ("hostalloc", "cudart", 16, 16),
+           ("hostalloc", "cudart", 8, 8), ("hostalloc", "torch", 16, 8)]
+
+
 def measure(folder: str, device: str = "cuda", runs: int = 5, cold: bool = False, threads: int | None = None,
-            piece: int | None = None, grid: bool = True, log=print, methods: list[str] | None = None) -> dict:
+            piece: int | None = None, grid: bool = True, log=print, methods: list[str] | None = None,
+            staging: str | None = None, copier: str | None = None) -> dict:
+    """``staging``/``copier``: the loader's options for ``ours`` (default: its defaults)."""
     from reference.load import MAX_THREADS, PIECE_BYTES
 
     files = large_files(folder)
     threads = threads or min(MAX_THREADS, os.cpu_count() or 1)
     piece = piece or PIECE_BYTES
     nbytes = sum(os.path.getsize(f) for f in files)
+    variant = f"ours-{staging or 'pinned'}-{copier or 'auto'}" if staging or copier else "ours"
     res = {"device": device, "files": [os.path.basename(f) for f in files], "bytes": nbytes, "threads": threads,
-           "piece_mib": piece >> 20, "warm": {}, "cold": {}}
+           "piece_mib": piece >> 20, "variant": variant, "warm": {}, "cold": {}}
     methods = methods or ["load_file", "ours", "page_cache"] + (["h2d"] if device.startswith("cuda") else [])
     _warm(files)
     for _ in range(runs):  # alternate, so a noisy neighbour hurts every method alike
         for m in methods:
-            r = _run_child(m, files, device, threads, piece)
+            r = _run_child(variant if m == "ours" else m, files, device, threads, piece)
             res["warm"].setdefault(m, []).append(round(r["s"], 4))
             if "timings" in r:
                 res.setdefault("timings", {}).setdefault(m, []).append(r["timings"])
@@ -230,7 +330,7 @@ def measure(folder: str, device: str = "cuda", runs: int = 5, cold: bool = False
         for _ in range(runs):
             for m in ("load_file", "ours"):
                 res["evict"] = _evict(files)
-                r = _run_child(m, files, device, threads, piece)
+                r = _run_child(variant if m == "ours" else m, files, device, threads, piece)
                 res["cold"].setdefault(m, []).append(round(r["s"], 4))
     for which in ("warm", "cold"):
         for m, xs in list(res[which].items()):
@@ -238,7 +338,7 @@ def measure(folder: str, device: str = "cuda", runs: int = 5, cold: bool = False
             res[which][m] = {"s": xs, "median_s": round(med, 4), "gb_s": round(nbytes / med / 1e9, 2)}
     if grid and device.startswith("cuda"):  # on the CPU the loader maps the files: nothing to tune
         _warm(files)
-        res["grid"] = _run_child("grid", files, device, threads, piece)["grid"]
+        res["grid"] = _run_child("grid" + variant[len("ours"):], files, device, threads, piece)["grid"]
     res["table"] = table(res)
     log(res["table"])
     return res
@@ -246,7 +346,7 @@ def measure(folder: str, device: str = "cuda", runs: int = 5, cold: bool = False
 
 def table(res: dict) -> str:
     lines = [f"bulk load of {', '.join(res['files'])} ({res['bytes'] / 1e9:.2f} GB) on {res['device']}, "
-             f"{res['threads']} threads, {res['piece_mib']} MiB pieces",
+             f"{res['threads']} threads, {res['piece_mib']} MiB pieces, {res.get('variant', 'ours')}",
              "| cache | method | median s | GB/s | vs load_file |", "|---|---|---|---|---|"]
     for which in ("warm", "cold"):
         rows = res[which]
@@ -323,12 +423,22 @@ def main(argv=None) -> None:
     m.add_argument("--cold", action="store_true")
     m.add_argument("--no-grid", action="store_true")
     m.add_argument("--json")
+    x = sub.add_parser("explore")
+    x.add_argument("dir")
+    x.add_argument("--device", default="cuda")
+    x.add_argument("--runs", type=int, default=3)
+    x.add_argument("--json")
     y = sub.add_parser("synth")
     y.add_argument("layout")
     y.add_argument("out_dir")
     args = ap.parse_args(argv)
     if args.cmd == "measure":
         res = measure(args.dir, args.device, args.runs, args.cold, grid=not args.no_grid)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=2)
+    elif args.cmd == "explore":
+        res = explore(args.dir, args.device, runs=args.runs)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=2)

@@ -56,13 +56,13 @@ def machine(device: str) -> dict:
     return info
 
 
-def same_as_library(paths: list[str], device: str) -> dict:
+def same_as_library(paths: list[str], device: str, **options) -> dict:
     import torch
     from safetensors.torch import load_file
 
     from reference.load import load
 
-    ours = load(paths, device=device)
+    ours = load(paths, device=device, **options)
     by_path = {f.path: f for f in ours.values()}
     bad, n = [], 0
     for p in paths:
@@ -119,24 +119,44 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-synth", action="store_true", help="Reuse the files already in --work.")
+    ap.add_argument("--explore", action="store_true",
+                    help="First time the loader's variants (bench.bulk_load.explore) and measure the fastest verified one.")
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
     from bench import bulk_load
 
     res: dict = {"machine": machine(args.device)}
+    os.makedirs(args.out, exist_ok=True)
+
+    def save():  # after each step: a run cut short still leaves what it measured
+        with open(os.path.join(args.out, "device_check.json"), "w") as f:
+            json.dump(res, f, indent=2)
+
     log(json.dumps(res["machine"]))
     t = time.perf_counter()
     if not args.skip_synth:
         bulk_load.synth(LAYOUT, args.work, log)
     res["synth_s"] = round(time.perf_counter() - t, 1)
     full = bulk_load.large_files(args.work)
+    options: dict = {}
+    if args.explore:
+        res["explore"] = ex = bulk_load.explore(args.work, args.device, runs=args.runs, log=log)
+        if ex.get("best"):
+            b = ex["best"]
+            options = {"staging": b["staging"], "copier": b["copier"], "threads": b["threads"],
+                       "piece_bytes": b["piece_mib"] << 20}
+        save()
+    res["options"] = {k: v for k, v in options.items()}
     for name, paths in (("full", full), ("demo", [os.path.join(args.demo, n) for n in sorted(os.listdir(args.demo))
                                                    if n.endswith(".safetensors")] if args.demo else [])):
         if paths:
-            res[f"identical_{name}"] = r = same_as_library(paths, args.device)
+            res[f"identical_{name}"] = r = same_as_library(paths, args.device, **options)
             log(f"byte-identical to load_file ({name}): {r['tensors'] - len(r['mismatches'])}/{r['tensors']} tensors"
                 + (f"; MISMATCHES: {r['mismatches'][:5]}" if r["mismatches"] else ""))
-    res["bulk_load"] = bulk_load.measure(args.work, args.device, runs=args.runs, cold=True, log=log)
+    res["bulk_load"] = bulk_load.measure(args.work, args.device, runs=args.runs, cold=True, log=log,
+                                         threads=options.get("threads"), piece=options.get("piece_bytes"),
+                                         staging=options.get("staging"), copier=options.get("copier"))
+    save()
     if args.demo:
         try:
             res["reference_vs_cpu"] = r = reference_on_device(args.demo, args.device)
@@ -146,9 +166,7 @@ def main(argv=None) -> dict:
         except Exception as e:  # noqa: BLE001 - report, keep the other results
             res["reference_vs_cpu_error"] = f"{type(e).__name__}: {e}"
             log(f"reference on device FAILED: {res['reference_vs_cpu_error']}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "device_check.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    save()
     return res
 
 

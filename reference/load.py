@@ -116,7 +116,7 @@ def files_in(path: str) -> list[str]:
 
 def load(path, device: str | torch.device = "cuda", threads: int | None = None,
          piece_bytes: int = PIECE_BYTES, staged: bool | None = None, staging: str = "pinned",
-         timings: dict | None = None):
+         timings: dict | None = None, copier: str = "auto"):
     """Load one canonical file (a :class:`CanonicalFile`), or every ``.safetensors``
     file of a folder or of a list of paths (``{model kind: CanonicalFile}``), onto
     ``device``.
@@ -138,8 +138,10 @@ def load(path, device: str | torch.device = "cuda", threads: int | None = None,
     if staged:
         if staging not in STAGING:
             raise ValueError(f"staging must be one of {', '.join(STAGING)}, not {staging!r}")
+        if copier not in COPIERS:
+            raise ValueError(f"copier must be one of {', '.join(COPIERS)}, not {copier!r}")
         buffers = _read_staged(headers, device, threads or min(MAX_THREADS, os.cpu_count() or 1), piece_bytes,
-                               staging, timings)
+                               staging, timings, copier)
     else:
         buffers = [_mapped(h) for h in headers]
         if device.type != "cpu":
@@ -226,40 +228,78 @@ def _reader(path: str):
     return read, f.close
 
 
-STAGING = ("pinned", "pageable")
+STAGING = ("pinned", "hostalloc", "registered", "pageable")
+COPIERS = ("auto", "cudart", "torch")
 
 
 def _read_staged(headers: list[Header], device: torch.device, threads: int, piece: int,
-                 staging: str = "pinned", timings: dict | None = None) -> list[torch.Tensor]:
+                 staging: str = "pinned", timings: dict | None = None, copier: str = "auto") -> list[torch.Tensor]:
     """Read every file's data section into one device buffer per file: ``threads``
     workers take ``piece``-byte pieces from a shared queue, ``pread`` each into one of
     their two staging buffers and copy it to the device on their own CUDA stream while
-    reading the next.  ``staging="pinned"`` carves the staging buffers from one pinned
-    allocation (measured on an H100 host: one ``cudaHostAlloc`` of 256 MiB cost half of
-    what 32 separate ones did); ``"pageable"`` (or pinned memory refused) uses ordinary
-    buffers and synchronous copies."""
+    reading the next.
+
+    Staging: ``"pinned"`` carves every worker's buffers from one pinned allocation made
+    by torch; ``"hostalloc"`` has each worker ``cudaHostAlloc`` its own, and
+    ``"registered"`` has each map and ``cudaHostRegister`` its own, all at once (these
+    two need the CUDA runtime library, see :class:`_Cudart`; without it they are
+    ``"pinned"``); ``"pageable"`` (or pinned memory refused) uses ordinary buffers.
+
+    Copies: ``"cudart"`` calls the CUDA runtime through ctypes, which releases the GIL
+    for every call; ``"torch"`` uses ``Tensor.copy_`` on a torch stream; ``"auto"`` is
+    cudart where the process has the library loaded, else torch."""
     import time
 
     t0 = time.perf_counter()
     cuda = device.type == "cuda"
+    rt = _runtime(device) if copier != "torch" or staging in ("hostalloc", "registered") else None
+    if copier == "cudart" and rt is None:
+        raise LoadError("copier='cudart': the CUDA runtime library is not loaded in this process")
+    use_rt = rt is not None and copier != "torch"
+    if staging in ("hostalloc", "registered") and rt is None:
+        staging = "pinned"
     dests = [torch.empty(h.file_size - h.data_start, dtype=torch.uint8, device=device) for h in headers]
+    if cuda:
+        # the copies run on the workers' own streams: whatever the current stream still
+        # has queued on memory the allocator just handed out must be done first
+        torch.cuda.current_stream(device).synchronize()
+    t1 = time.perf_counter()
     items = [(k, off, min(piece, dests[k].numel() - off))
              for k, h in enumerate(headers) for off in range(0, dests[k].numel(), piece)]
     queue = _Queue(items)
     threads = max(1, min(threads, len(items)))
     errors: list[BaseException] = []
     size = min(piece, max((n for _, _, n in items), default=1))
-    block = _staging(threads * 2 * size, pinned=cuda and staging == "pinned")
-    overlap = block.is_pinned()  # asynchronous copies need pinned memory
-    t1 = time.perf_counter()
+    block = None
+    if staging in ("pinned", "pageable"):
+        block = _staging(threads * 2 * size, pinned=cuda and staging == "pinned")
+        staging = "pinned" if block.is_pinned() else "pageable"
+    t2 = time.perf_counter()
+    dest_ptrs = [d.data_ptr() for d in dests]
+    index = device.index if device.index is not None else (torch.cuda.current_device() if cuda else 0)
+    setup = [0.0] * threads
 
     def work(i: int):
         handles: dict[int, tuple] = {}
+        own = None
+        copy = None
         try:
-            stream = torch.cuda.Stream(device) if overlap else None
-            bufs = [block[(2 * i + j) * size:(2 * i + j + 1) * size] for j in range(2)]
-            views = [_bytes_view(b) for b in bufs]
-            done: list = [None, None]  # per staging buffer: the event of its last copy
+            ts = time.perf_counter()
+            if block is not None:
+                bufs = [block[(2 * i + j) * size:(2 * i + j + 1) * size] for j in range(2)]
+                ptrs = [b.data_ptr() for b in bufs]
+            else:
+                own = _OwnPinned(rt, 2 * size, registered=staging == "registered")
+                ptrs = [own.ptr, own.ptr + size]
+                bufs = None
+            views = [memoryview((ctypes.c_ubyte * size).from_address(p)).cast("B") for p in ptrs]
+            if use_rt:
+                copy = _RuntimeCopies(rt, index, dest_ptrs, ptrs)
+            else:
+                if bufs is None:
+                    bufs = [_wrap_host(p, size) for p in ptrs]
+                copy = _TorchCopies(device if staging != "pageable" else None, dests, bufs)
+            setup[i] = time.perf_counter() - ts
             slot = 0
             while not errors:
                 item = queue.take()
@@ -268,25 +308,23 @@ def _read_staged(headers: list[Header], device: torch.device, threads: int, piec
                 k, off, n = item
                 if k not in handles:
                     handles[k] = _reader(headers[k].path)
-                if done[slot] is not None:
-                    done[slot].synchronize()  # the copy out of this buffer has finished
+                copy.wait(slot)  # the copy out of this buffer has finished
                 got = handles[k][0](views[slot][:n], headers[k].data_start + off)
                 if got != n:
                     raise LoadError(f"{headers[k].path}: file ended {n - got} bytes early at offset "
                                     f"{headers[k].data_start + off + got}; it changed while loading")
-                if stream is not None:
-                    with torch.cuda.stream(stream):
-                        dests[k][off:off + n].copy_(bufs[slot][:n], non_blocking=True)
-                        done[slot] = torch.cuda.Event()
-                        done[slot].record(stream)
-                else:
-                    dests[k][off:off + n].copy_(bufs[slot][:n])
+                copy.put(slot, k, off, n)
                 slot ^= 1
-            if stream is not None:
-                stream.synchronize()
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(e)
         finally:
+            try:
+                if copy is not None:
+                    copy.finish()
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+            if own is not None:
+                own.free()
             for _, close in handles.values():
                 close()
 
@@ -298,8 +336,154 @@ def _read_staged(headers: list[Header], device: torch.device, threads: int, piec
     if errors:
         raise errors[0]
     if timings is not None:
-        timings.update({"setup_s": t1 - t0, "read_copy_s": time.perf_counter() - t1, "pinned": overlap})
+        timings.update({"dest_s": t1 - t0, "staging_s": t2 - t1, "worker_setup_s": max(setup),
+                        "read_copy_s": time.perf_counter() - t2, "setup_s": t2 - t0,
+                        "pinned": staging != "pageable", "staging": staging,
+                        "copier": "cudart" if use_rt else "torch"})
     return dests
+
+
+class _TorchCopies:
+    """One worker's copies with ``Tensor.copy_``: on its own stream (asynchronous, from
+    pinned buffers) when ``device`` is given, else synchronous."""
+
+    def __init__(self, device, dests, bufs):
+        self.dests, self.bufs = dests, bufs
+        self.stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
+        self.events = [torch.cuda.Event(), torch.cuda.Event()] if self.stream is not None else None
+        self.recorded = [False, False]
+
+    def wait(self, slot):
+        if self.recorded[slot]:
+            self.events[slot].synchronize()
+
+    def put(self, slot, k, off, n):
+        if self.stream is None:
+            self.dests[k][off:off + n].copy_(self.bufs[slot][:n])
+            return
+        with torch.cuda.stream(self.stream):
+            self.dests[k][off:off + n].copy_(self.bufs[slot][:n], non_blocking=True)
+        self.events[slot].record(self.stream)
+        self.recorded[slot] = True
+
+    def finish(self):
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
+class _RuntimeCopies:
+    """One worker's copies through the CUDA runtime (GIL released for every call): its
+    own non-blocking stream and one event per staging buffer."""
+
+    def __init__(self, rt, index, dest_ptrs, ptrs):
+        self.rt, self.dest_ptrs, self.ptrs = rt, dest_ptrs, ptrs
+        rt.check(rt.lib.cudaSetDevice(index), "cudaSetDevice")
+        s = ctypes.c_void_p()
+        rt.check(rt.lib.cudaStreamCreateWithFlags(ctypes.byref(s), 1), "cudaStreamCreateWithFlags")
+        self.stream = s
+        self.events = []
+        for _ in range(2):
+            e = ctypes.c_void_p()
+            rt.check(rt.lib.cudaEventCreateWithFlags(ctypes.byref(e), 2), "cudaEventCreateWithFlags")  # no timing
+            self.events.append(e)
+        self.recorded = [False, False]
+
+    def wait(self, slot):
+        if self.recorded[slot]:
+            self.rt.check(self.rt.lib.cudaEventSynchronize(self.events[slot]), "cudaEventSynchronize")
+
+    def put(self, slot, k, off, n):
+        rt = self.rt
+        rt.check(rt.lib.cudaMemcpyAsync(ctypes.c_void_p(self.dest_ptrs[k] + off), ctypes.c_void_p(self.ptrs[slot]),
+                                        ctypes.c_size_t(n), 1, self.stream), "cudaMemcpyAsync")  # 1: host to device
+        rt.check(rt.lib.cudaEventRecord(self.events[slot], self.stream), "cudaEventRecord")
+        self.recorded[slot] = True
+
+    def finish(self):
+        rt = self.rt
+        try:
+            rt.check(rt.lib.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        finally:
+            for e in self.events:
+                rt.lib.cudaEventDestroy(e)
+            rt.lib.cudaStreamDestroy(self.stream)
+
+
+def _runtime(device: torch.device) -> "_Cudart | None":
+    """The CUDA runtime for copies to ``device`` (None: use torch's calls)."""
+    return _Cudart.get() if device.type == "cuda" else None
+
+
+class _OwnPinned:
+    """One worker's pinned staging memory: ``cudaHostAlloc``, or an anonymous mapping
+    registered with ``cudaHostRegister`` (``registered``)."""
+
+    def __init__(self, rt, n, registered):
+        import mmap
+
+        self.rt, self.n, self.map = rt, n, None
+        if registered:
+            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | getattr(mmap, "MAP_POPULATE", 0)
+            self.map = mmap.mmap(-1, n, flags=flags)
+            self.ptr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+            rt.check(rt.lib.cudaHostRegister(ctypes.c_void_p(self.ptr), ctypes.c_size_t(n), 0), "cudaHostRegister")
+        else:
+            p = ctypes.c_void_p()
+            rt.check(rt.lib.cudaHostAlloc(ctypes.byref(p), ctypes.c_size_t(n), 0), "cudaHostAlloc")
+            self.ptr = p.value
+
+    def free(self):
+        if self.map is not None:
+            self.rt.lib.cudaHostUnregister(ctypes.c_void_p(self.ptr))
+            # the mapping stays exported (from_buffer) until collected; it is unmapped then
+        else:
+            self.rt.lib.cudaFreeHost(ctypes.c_void_p(self.ptr))
+
+
+def _wrap_host(ptr: int, n: int) -> torch.Tensor:
+    """A CPU uint8 tensor over ``n`` bytes at ``ptr`` (memory this module owns)."""
+    return torch.frombuffer((ctypes.c_ubyte * n).from_address(ptr), dtype=torch.uint8)
+
+
+class _Cudart:
+    """The CUDA runtime library this process already has loaded (torch's), called
+    through ctypes: every call releases the GIL, so worker threads spend almost no time
+    holding it.  Found through ``/proc/self/maps`` (Linux); elsewhere :meth:`get` gives
+    None and the torch calls are used."""
+
+    _found: "_Cudart | None | bool" = False
+
+    def __init__(self, path):
+        self.path = path
+        lib = ctypes.CDLL(path)
+        vp, sz, i, u = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_uint
+        for name, args in (("cudaSetDevice", [i]), ("cudaStreamCreateWithFlags", [ctypes.POINTER(vp), u]),
+                           ("cudaStreamDestroy", [vp]), ("cudaStreamSynchronize", [vp]),
+                           ("cudaEventCreateWithFlags", [ctypes.POINTER(vp), u]), ("cudaEventDestroy", [vp]),
+                           ("cudaEventRecord", [vp, vp]), ("cudaEventSynchronize", [vp]),
+                           ("cudaMemcpyAsync", [vp, vp, sz, i, vp]), ("cudaHostAlloc", [ctypes.POINTER(vp), sz, u]),
+                           ("cudaFreeHost", [vp]), ("cudaHostRegister", [vp, sz, u]), ("cudaHostUnregister", [vp])):
+            f = getattr(lib, name)
+            f.argtypes, f.restype = args, ctypes.c_int
+        lib.cudaGetErrorString.argtypes, lib.cudaGetErrorString.restype = [ctypes.c_int], ctypes.c_char_p
+        self.lib = lib
+
+    def check(self, err: int, what: str) -> None:
+        if err:
+            raise LoadError(f"{what} failed: {self.lib.cudaGetErrorString(err).decode(errors='replace')} ({err})")
+
+    @classmethod
+    def get(cls) -> "_Cudart | None":
+        if cls._found is False:
+            cls._found = None
+            try:
+                with open("/proc/self/maps") as f:
+                    paths = {line.split(None, 5)[5].strip() for line in f if "libcudart.so" in line}
+                if len(paths) == 1:
+                    cls._found = cls(paths.pop())
+            except (OSError, IndexError, AttributeError):
+                cls._found = None
+        return cls._found
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:

@@ -242,3 +242,72 @@ def test_full_size_file_matches_the_library(full_bigvgan):
     assert os.path.getsize(full_bigvgan) > 400e6
     for how in READS[:2] + [dict(staged=True, threads=2)]:
         _assert_identical(load(full_bigvgan, device="cpu", **how), full_bigvgan)
+
+
+# ------------------------------------------------------------------ the CUDA runtime path, on the CPU
+
+
+class _FakeRuntime:
+    """Stands in for the CUDA runtime library so that the ctypes copy loop runs on the
+    CPU: ``cudaMemcpyAsync`` copies at once (``memmove``), host allocation is ordinary
+    memory, and every call is recorded."""
+
+    def __init__(self):
+        import ctypes
+
+        self.calls: dict[str, int] = {}
+        self.keep = []
+        outer = self
+
+        class Lib:
+            def __getattr__(self, name):
+                def call(*args):
+                    outer.calls[name] = outer.calls.get(name, 0) + 1
+                    if name == "cudaMemcpyAsync":
+                        dst, src, n, kind, stream = args
+                        assert kind == 1 and stream is not None
+                        ctypes.memmove(dst, src, n.value)
+                    elif name == "cudaHostAlloc":
+                        buf = (ctypes.c_ubyte * args[1].value)()
+                        outer.keep.append(buf)
+                        args[0]._obj.value = ctypes.addressof(buf)
+                    elif name in ("cudaStreamCreateWithFlags", "cudaEventCreateWithFlags"):
+                        args[0]._obj.value = 1 + outer.calls[name]
+                    return 0
+                return call
+
+        self.lib = Lib()
+
+    def check(self, err, what):
+        assert err == 0, what
+
+
+@pytest.mark.parametrize("staging", ["pinned", "hostalloc", "registered"])
+def test_runtime_copy_loop_moves_every_byte(demo_out, monkeypatch, staging):
+    """The ctypes path (pointer arithmetic into each file's buffer, two staging slots per
+    worker, events, per-worker pinned memory) with a fake runtime that copies at once."""
+    import reference.load as rl
+
+    fake = _FakeRuntime()
+    monkeypatch.setattr(rl, "_runtime", lambda device: fake)
+    timings: dict = {}
+    files = load(str(demo_out), device="cpu", staged=True, threads=3, piece_bytes=4096 + 13, staging=staging,
+                 copier="cudart", timings=timings)
+    assert timings["copier"] == "cudart" and timings["staging"] == (staging if staging != "pinned" else "pageable")
+    for f in files.values():
+        _assert_identical(f, f.path)
+    c = fake.calls
+    assert c["cudaMemcpyAsync"] == c["cudaEventRecord"] > 100
+    assert c["cudaStreamCreateWithFlags"] == c["cudaStreamSynchronize"] == c["cudaStreamDestroy"] == 3
+    assert c.get("cudaHostAlloc", 0) == c.get("cudaFreeHost", 0) == (3 if staging == "hostalloc" else 0)
+    assert c.get("cudaHostRegister", 0) == c.get("cudaHostUnregister", 0) == (3 if staging == "registered" else 0)
+
+
+def test_runtime_copy_errors_fail_the_load(demo_out, monkeypatch):
+    import reference.load as rl
+
+    fake = _FakeRuntime()
+    fake.check = lambda err, what: (_ for _ in ()).throw(LoadError(f"{what} failed")) if what == "cudaMemcpyAsync" else None
+    monkeypatch.setattr(rl, "_runtime", lambda device: fake)
+    with pytest.raises(LoadError, match="cudaMemcpyAsync failed"):
+        load(str(demo_out), device="cpu", staged=True, threads=2, copier="cudart")
