@@ -1,15 +1,18 @@
 """The prepared GPU-machine check (issue 18, issue 12): one short script, run as
 
-    python -m bench.device_check --out RESULTS_DIR [--demo CANONICAL_DIR] [--work DIR]
+    python -m bench.device_check --out RESULTS_DIR [--demo CANONICAL_DIR] [--work DIR] [--explore]
 
 1. Synthetic full-size files from ``bench/full_size_layout.json`` (the released
    configs' names, dtypes and shapes; random values) are written to ``--work``.
-2. Correctness: every tensor ``reference.load.load(..., device)`` gives equals
+2. With ``--explore``: ``bench.bulk_load.explore`` times the loader's variants (each
+   first checked byte for byte against ``load_file``); steps 3 and 4 then use the
+   fastest verified one, else the loader's defaults.
+3. Correctness: every tensor ``reference.load.load(..., device)`` gives equals
    ``safetensors.torch.load_file(..., device)``'s, byte for byte, for the full-size
    files and the demo canonical files.
-3. ``bench.bulk_load.measure``: warm and cold load times against ``load_file`` and the
+4. ``bench.bulk_load.measure``: warm and cold load times against ``load_file`` and the
    page-cache and host-to-device limits, and the thread/piece grid.
-4. The reference runtime on the demo canonical files loaded onto the device: every
+5. The reference runtime on the demo canonical files loaded onto the device: every
    entry point's outputs against the same entry point on the CPU (max abs difference).
 
 It needs torch, safetensors and this checkout only, and works on a CPU-only machine too

@@ -22,10 +22,13 @@ How it reads:
   until it is used.
 - ``device="cuda"``: ``threads`` workers (default: up to 16) each own two staging
   buffers, carved from one pinned allocation, and a CUDA stream.  They ``pread`` pieces
-  of ``piece_bytes`` (default 8 MiB) of the data sections (of every file, from one
+  of ``piece_bytes`` (default 4 MiB) of the data sections (of every file, from one
   shared queue) into a staging buffer while the other buffer's previous piece is still
-  being copied to the device on the worker's stream.  Where pinned memory cannot be
-  had (or ``staging="pageable"``), the same path runs with ordinary buffers and
+  being copied to the device on the worker's stream.  The copies call the CUDA runtime
+  library torch has loaded, through ctypes (which releases the GIL for each call, so
+  the workers do not queue for it); where that library cannot be found (or
+  ``copier="torch"``) they are torch's ``copy_``.  Where pinned memory cannot be had
+  (or ``staging="pageable"``), the same path runs with ordinary buffers and
   synchronous copies.  ``timings`` (a dict) receives the setup and read/copy times.
 - any other device: the CPU mapping, copied to the device in one transfer.
 
@@ -50,7 +53,7 @@ DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-PIECE_BYTES = 8 << 20  # one staging transfer (measured best of 4, 8 and 16 MiB on an H100 host)
+PIECE_BYTES = 4 << 20  # one staging transfer (fastest of those measured on an H100 host; bench/RESULTS.md)
 MAX_THREADS = 16
 
 
@@ -228,7 +231,7 @@ def _reader(path: str):
     return read, f.close
 
 
-STAGING = ("pinned", "hostalloc", "registered", "pageable")
+STAGING = ("pinned", "pageable")
 COPIERS = ("auto", "cudart", "torch")
 
 
@@ -239,25 +242,23 @@ def _read_staged(headers: list[Header], device: torch.device, threads: int, piec
     their two staging buffers and copy it to the device on their own CUDA stream while
     reading the next.
 
-    Staging: ``"pinned"`` carves every worker's buffers from one pinned allocation made
-    by torch; ``"hostalloc"`` has each worker ``cudaHostAlloc`` its own, and
-    ``"registered"`` has each map and ``cudaHostRegister`` its own, all at once (these
-    two need the CUDA runtime library, see :class:`_Cudart`; without it they are
-    ``"pinned"``); ``"pageable"`` (or pinned memory refused) uses ordinary buffers.
+    Staging: ``"pinned"`` carves every worker's buffers from one pinned allocation
+    (measured on an H100 host: cheaper than one per worker, by ``cudaHostAlloc`` or
+    ``cudaHostRegister``, made at once in the workers); ``"pageable"`` (or pinned
+    memory refused) uses ordinary buffers, whose copies are synchronous.
 
     Copies: ``"cudart"`` calls the CUDA runtime through ctypes, which releases the GIL
-    for every call; ``"torch"`` uses ``Tensor.copy_`` on a torch stream; ``"auto"`` is
-    cudart where the process has the library loaded, else torch."""
+    for every call; ``"torch"`` is ``Tensor.copy_`` on a torch stream, whose per-call
+    Python work the workers queue for (measured on an H100 host, 16 workers: 1.5x
+    slower at 8 MiB pieces, and smaller pieces only cost it more); ``"auto"`` is cudart
+    where the process has the library loaded (:class:`_Cudart`), else torch."""
     import time
 
     t0 = time.perf_counter()
     cuda = device.type == "cuda"
-    rt = _runtime(device) if copier != "torch" or staging in ("hostalloc", "registered") else None
+    rt = _runtime(device) if copier != "torch" else None
     if copier == "cudart" and rt is None:
         raise LoadError("copier='cudart': the CUDA runtime library is not loaded in this process")
-    use_rt = rt is not None and copier != "torch"
-    if staging in ("hostalloc", "registered") and rt is None:
-        staging = "pinned"
     dests = [torch.empty(h.file_size - h.data_start, dtype=torch.uint8, device=device) for h in headers]
     if cuda:
         # the copies run on the workers' own streams: whatever the current stream still
@@ -270,36 +271,22 @@ def _read_staged(headers: list[Header], device: torch.device, threads: int, piec
     threads = max(1, min(threads, len(items)))
     errors: list[BaseException] = []
     size = min(piece, max((n for _, _, n in items), default=1))
-    block = None
-    if staging in ("pinned", "pageable"):
-        block = _staging(threads * 2 * size, pinned=cuda and staging == "pinned")
-        staging = "pinned" if block.is_pinned() else "pageable"
+    block = _staging(threads * 2 * size, pinned=cuda and staging == "pinned")
+    pinned = block.is_pinned()  # asynchronous copies need pinned memory
     t2 = time.perf_counter()
     dest_ptrs = [d.data_ptr() for d in dests]
     index = device.index if device.index is not None else (torch.cuda.current_device() if cuda else 0)
-    setup = [0.0] * threads
 
     def work(i: int):
         handles: dict[int, tuple] = {}
-        own = None
         copy = None
         try:
-            ts = time.perf_counter()
-            if block is not None:
-                bufs = [block[(2 * i + j) * size:(2 * i + j + 1) * size] for j in range(2)]
-                ptrs = [b.data_ptr() for b in bufs]
+            bufs = [block[(2 * i + j) * size:(2 * i + j + 1) * size] for j in range(2)]
+            views = [_bytes_view(b) for b in bufs]
+            if rt is not None:
+                copy = _RuntimeCopies(rt, index, dest_ptrs, [b.data_ptr() for b in bufs])
             else:
-                own = _OwnPinned(rt, 2 * size, registered=staging == "registered")
-                ptrs = [own.ptr, own.ptr + size]
-                bufs = None
-            views = [memoryview((ctypes.c_ubyte * size).from_address(p)).cast("B") for p in ptrs]
-            if use_rt:
-                copy = _RuntimeCopies(rt, index, dest_ptrs, ptrs)
-            else:
-                if bufs is None:
-                    bufs = [_wrap_host(p, size) for p in ptrs]
-                copy = _TorchCopies(device if staging != "pageable" else None, dests, bufs)
-            setup[i] = time.perf_counter() - ts
+                copy = _TorchCopies(device if pinned else None, dests, bufs)
             slot = 0
             while not errors:
                 item = queue.take()
@@ -321,10 +308,8 @@ def _read_staged(headers: list[Header], device: torch.device, threads: int, piec
             try:
                 if copy is not None:
                     copy.finish()
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(e)
-            if own is not None:
-                own.free()
             for _, close in handles.values():
                 close()
 
@@ -336,10 +321,8 @@ def _read_staged(headers: list[Header], device: torch.device, threads: int, piec
     if errors:
         raise errors[0]
     if timings is not None:
-        timings.update({"dest_s": t1 - t0, "staging_s": t2 - t1, "worker_setup_s": max(setup),
-                        "read_copy_s": time.perf_counter() - t2, "setup_s": t2 - t0,
-                        "pinned": staging != "pageable", "staging": staging,
-                        "copier": "cudart" if use_rt else "torch"})
+        timings.update({"dest_s": t1 - t0, "staging_s": t2 - t1, "read_copy_s": time.perf_counter() - t2,
+                        "setup_s": t2 - t0, "pinned": pinned, "copier": "cudart" if rt is not None else "torch"})
     return dests
 
 
@@ -414,37 +397,6 @@ def _runtime(device: torch.device) -> "_Cudart | None":
     return _Cudart.get() if device.type == "cuda" else None
 
 
-class _OwnPinned:
-    """One worker's pinned staging memory: ``cudaHostAlloc``, or an anonymous mapping
-    registered with ``cudaHostRegister`` (``registered``)."""
-
-    def __init__(self, rt, n, registered):
-        import mmap
-
-        self.rt, self.n, self.map = rt, n, None
-        if registered:
-            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | getattr(mmap, "MAP_POPULATE", 0)
-            self.map = mmap.mmap(-1, n, flags=flags)
-            self.ptr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
-            rt.check(rt.lib.cudaHostRegister(ctypes.c_void_p(self.ptr), ctypes.c_size_t(n), 0), "cudaHostRegister")
-        else:
-            p = ctypes.c_void_p()
-            rt.check(rt.lib.cudaHostAlloc(ctypes.byref(p), ctypes.c_size_t(n), 0), "cudaHostAlloc")
-            self.ptr = p.value
-
-    def free(self):
-        if self.map is not None:
-            self.rt.lib.cudaHostUnregister(ctypes.c_void_p(self.ptr))
-            # the mapping stays exported (from_buffer) until collected; it is unmapped then
-        else:
-            self.rt.lib.cudaFreeHost(ctypes.c_void_p(self.ptr))
-
-
-def _wrap_host(ptr: int, n: int) -> torch.Tensor:
-    """A CPU uint8 tensor over ``n`` bytes at ``ptr`` (memory this module owns)."""
-    return torch.frombuffer((ctypes.c_ubyte * n).from_address(ptr), dtype=torch.uint8)
-
-
 class _Cudart:
     """The CUDA runtime library this process already has loaded (torch's), called
     through ctypes: every call releases the GIL, so worker threads spend almost no time
@@ -461,8 +413,7 @@ class _Cudart:
                            ("cudaStreamDestroy", [vp]), ("cudaStreamSynchronize", [vp]),
                            ("cudaEventCreateWithFlags", [ctypes.POINTER(vp), u]), ("cudaEventDestroy", [vp]),
                            ("cudaEventRecord", [vp, vp]), ("cudaEventSynchronize", [vp]),
-                           ("cudaMemcpyAsync", [vp, vp, sz, i, vp]), ("cudaHostAlloc", [ctypes.POINTER(vp), sz, u]),
-                           ("cudaFreeHost", [vp]), ("cudaHostRegister", [vp, sz, u]), ("cudaHostUnregister", [vp])):
+                           ("cudaMemcpyAsync", [vp, vp, sz, i, vp])):
             f = getattr(lib, name)
             f.argtypes, f.restype = args, ctypes.c_int
         lib.cudaGetErrorString.argtypes, lib.cudaGetErrorString.restype = [ctypes.c_int], ctypes.c_char_p

@@ -71,3 +71,18 @@ def test_release_2_5_inputs_are_full_size_only(tmp_path, capsys):
     files = inputs.release_files("R", "full-2.5")  # the roles run.py reads exist for 2.5 too
     assert {"gpt", "s2mel", "w2v-bert", "stats", "bigvgan", "codec"} <= set(files)
     assert files["w2v-bert"] == os.path.join("R", "hf_cache", "w2v-bert-2.0", "model.safetensors")
+
+
+def test_bulk_load_explore_plumbing(demo_bundle):
+    """``bench.bulk_load.explore`` (what ``device_check --explore`` runs on a GPU
+    machine), on the CPU: each variant is checked against ``load_file`` in a child
+    process before it is timed, and the fastest verified one is named."""
+    from bench import bulk_load
+
+    lines = []
+    res = bulk_load.explore(str(demo_bundle), "cpu", variants=[("pinned", "cudart", 2, 1)],
+                            runs=1, log=lines.append)
+    assert not res["failed"], res["failed"]
+    assert all(r["tensors"] > 100 and r["n_bad"] == 0 for r in res["verify"].values()) and len(res["verify"]) == 1
+    assert set(res["warm"]) == {"load_file", "pinned-cudart-2x1"}
+    assert res["best"]["name"] == "pinned-cudart-2x1" and res["best"]["piece_mib"] == 1

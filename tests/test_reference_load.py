@@ -249,14 +249,12 @@ def test_full_size_file_matches_the_library(full_bigvgan):
 
 class _FakeRuntime:
     """Stands in for the CUDA runtime library so that the ctypes copy loop runs on the
-    CPU: ``cudaMemcpyAsync`` copies at once (``memmove``), host allocation is ordinary
-    memory, and every call is recorded."""
+    CPU: ``cudaMemcpyAsync`` copies at once (``memmove``) and every call is recorded."""
 
     def __init__(self):
         import ctypes
 
         self.calls: dict[str, int] = {}
-        self.keep = []
         outer = self
 
         class Lib:
@@ -267,10 +265,6 @@ class _FakeRuntime:
                         dst, src, n, kind, stream = args
                         assert kind == 1 and stream is not None
                         ctypes.memmove(dst, src, n.value)
-                    elif name == "cudaHostAlloc":
-                        buf = (ctypes.c_ubyte * args[1].value)()
-                        outer.keep.append(buf)
-                        args[0]._obj.value = ctypes.addressof(buf)
                     elif name in ("cudaStreamCreateWithFlags", "cudaEventCreateWithFlags"):
                         args[0]._obj.value = 1 + outer.calls[name]
                     return 0
@@ -282,25 +276,37 @@ class _FakeRuntime:
         assert err == 0, what
 
 
-@pytest.mark.parametrize("staging", ["pinned", "hostalloc", "registered"])
-def test_runtime_copy_loop_moves_every_byte(demo_out, monkeypatch, staging):
+def test_runtime_copy_loop_moves_every_byte(demo_out, monkeypatch):
     """The ctypes path (pointer arithmetic into each file's buffer, two staging slots per
-    worker, events, per-worker pinned memory) with a fake runtime that copies at once."""
+    worker, one stream and two events each) with a fake runtime that copies at once."""
     import reference.load as rl
 
     fake = _FakeRuntime()
     monkeypatch.setattr(rl, "_runtime", lambda device: fake)
     timings: dict = {}
-    files = load(str(demo_out), device="cpu", staged=True, threads=3, piece_bytes=4096 + 13, staging=staging,
-                 copier="cudart", timings=timings)
-    assert timings["copier"] == "cudart" and timings["staging"] == (staging if staging != "pinned" else "pageable")
+    files = load(str(demo_out), device="cpu", staged=True, threads=3, piece_bytes=4096 + 13, copier="cudart",
+                 timings=timings)
+    assert timings["copier"] == "cudart"
     for f in files.values():
         _assert_identical(f, f.path)
     c = fake.calls
     assert c["cudaMemcpyAsync"] == c["cudaEventRecord"] > 100
+    assert c["cudaEventSynchronize"] == c["cudaMemcpyAsync"] - 2 * 3  # each buffer's last copy is waited for by the stream
     assert c["cudaStreamCreateWithFlags"] == c["cudaStreamSynchronize"] == c["cudaStreamDestroy"] == 3
-    assert c.get("cudaHostAlloc", 0) == c.get("cudaFreeHost", 0) == (3 if staging == "hostalloc" else 0)
-    assert c.get("cudaHostRegister", 0) == c.get("cudaHostUnregister", 0) == (3 if staging == "registered" else 0)
+    assert c["cudaEventCreateWithFlags"] == c["cudaEventDestroy"] == 6
+
+
+def test_copier_torch_and_auto_without_a_runtime(demo_out, monkeypatch):
+    import reference.load as rl
+
+    monkeypatch.setattr(rl, "_runtime", lambda device: None)
+    t: dict = {}
+    load(str(demo_out / "gpt.safetensors"), device="cpu", staged=True, timings=t)
+    assert t["copier"] == "torch"
+    with pytest.raises(LoadError, match="CUDA runtime library is not loaded"):
+        load(str(demo_out / "gpt.safetensors"), device="cpu", staged=True, copier="cudart")
+    with pytest.raises(ValueError, match="copier must be one of"):
+        load(str(demo_out / "gpt.safetensors"), device="cpu", staged=True, copier="fast")
 
 
 def test_runtime_copy_errors_fail_the_load(demo_out, monkeypatch):
