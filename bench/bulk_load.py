@@ -137,37 +137,18 @@ def child(method: str, files: list[str], device: str, threads: int, piece: int) 
         if not cuda:
             _touch(t for sd in sds for t in sd.values())
     elif method == "ours" or method.startswith("ours-"):
-        staging, copier = _variant(method)
         timings: dict = {}
-        out = rl.load(files, device=device, threads=threads, piece_bytes=piece, staging=staging, copier=copier,
-                      timings=timings)
+        out = rl.load(files, device=device, threads=threads, piece_bytes=piece, timings=timings, **_variant(method))
         if not cuda:
             _touch(t for f in out.values() for t in f.tensors.values())
         else:
             torch.cuda.synchronize()
         return {"s": time.perf_counter() - t0, "bytes": nbytes, "timings": {k: round(v, 4) if isinstance(v, float) else v for k, v in timings.items()}}
     elif method.startswith("verify-"):
-        from safetensors.torch import load_file
-
-        staging, copier = _variant("ours-" + method[len("verify-"):])
         timings = {}
-        out = rl.load(files, device=device, threads=threads, piece_bytes=piece, staging=staging, copier=copier,
-                      timings=timings)
-        by_path = {f.path: f for f in out.values()}
-        n, bad = 0, []
-        for p in files:
-            lib = load_file(p, device=device)
-            mine = by_path[p]
-            if sorted(lib) != sorted(mine.tensors):
-                bad.append(f"{p}: names differ")
-            for name, t in lib.items():
-                n += 1
-                a = mine.tensors.get(name)
-                if a is None or a.dtype != t.dtype or a.shape != t.shape or not torch.equal(
-                        a.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)):
-                    bad.append(f"{os.path.basename(p)}: {name}")
-            del lib
-        return {"tensors": n, "mismatches": bad[:10], "n_bad": len(bad), "timings": timings}
+        r = same_as_library(files, device, threads=threads, piece_bytes=piece, timings=timings,
+                            **_variant("ours-" + method[len("verify-"):]))
+        return {**r, "timings": timings}
     elif method == "page_cache":
         nbytes = _page_cache(files, threads, piece)
     elif method == "h2d":
@@ -182,14 +163,14 @@ def child(method: str, files: list[str], device: str, threads: int, piece: int) 
             dev[:n].copy_(host[:n], non_blocking=True)
             done += n
     elif method.startswith("grid"):
-        staging, copier = _variant("ours" + method[len("grid"):])
+        variant = _variant("ours" + method[len("grid"):])
         rows = []
         for th, pc in GRID:
             times = []
             for _ in range(2):
                 torch.cuda.synchronize() if cuda else None
                 t = time.perf_counter()
-                out = rl.load(files, device=device, threads=th, piece_bytes=pc, staging=staging, copier=copier)
+                out = rl.load(files, device=device, threads=th, piece_bytes=pc, **variant)
                 torch.cuda.synchronize() if cuda else None
                 times.append(time.perf_counter() - t)
                 del out
@@ -204,10 +185,39 @@ def child(method: str, files: list[str], device: str, threads: int, piece: int) 
     return {"s": s, "bytes": nbytes}
 
 
-def _variant(method: str) -> tuple[str, str]:
-    """``ours``, ``ours-STAGING`` or ``ours-STAGING-COPIER`` -> (staging, copier)."""
-    parts = method.split("-")[1:]
-    return (parts[0] if parts else "pinned"), (parts[1] if len(parts) > 1 else "auto")
+def _variant(method: str) -> dict[str, str]:
+    """``ours``, ``ours-STAGING`` or ``ours-STAGING-COPIER`` -> the loader's keyword
+    arguments (what is not named stays the loader's default)."""
+    return dict(zip(("staging", "copier"), method.split("-")[1:]))
+
+
+def same_as_library(paths: list[str], device: str, **options) -> dict:
+    """``reference.load.load(paths, device, **options)`` against
+    ``safetensors.torch.load_file`` on the same device, byte for byte, every tensor."""
+    import torch
+    from safetensors.torch import load_file
+
+    from reference.load import load
+
+    ours = load(paths, device=device, **options)
+    by_path = {f.path: f for f in ours.values()}
+    bad, n = [], 0
+    for p in paths:
+        lib = load_file(p, device=device)
+        mine = by_path[p]
+        if sorted(lib) != sorted(mine.tensors):
+            bad.append(f"{p}: names differ")
+            continue
+        for name, t in lib.items():
+            n += 1
+            a, b = mine[name], t
+            if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device or not torch.equal(
+                    a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)):
+                bad.append(f"{p}: {name}")
+        del lib
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return {"tensors": n, "files": len(paths), "mismatches": bad}
 
 
 # ------------------------------------------------------------------ the measurement (parent)
@@ -257,24 +267,22 @@ def explore(folder: str, device: str = "cuda", variants=None, runs: int = 3, log
         try:
             r = _run_child(f"verify-{key}", files, device, 16, 8 << 20, timeout=120)
             res["verify"][key] = r
-            log(f"verify {key}: {r['tensors'] - r['n_bad']}/{r['tensors']} tensors identical to load_file "
-                f"({r['timings'].get('staging')}, {r['timings'].get('copier')})" + (f" BAD {r['mismatches']}" if r["n_bad"] else ""))
+            log(f"verify {key}: {r['tensors'] - len(r['mismatches'])}/{r['tensors']} tensors identical to load_file "
+                f"(pinned {r['timings'].get('pinned')}, {r['timings'].get('copier')})"
+                + (f" BAD {r['mismatches'][:10]}" if r["mismatches"] else ""))
         except (subprocess.SubprocessError, ValueError, IndexError) as e:
             err = getattr(e, "stderr", "") or str(e)
             res["failed"][key] = str(err)[-600:]
             log(f"verify {key}: FAILED {str(err)[-600:]}")
-    ok = {k for k, r in res["verify"].items() if not r["n_bad"] and r["tensors"]}
-    names = ["load_file"] + [f"{st}-{cp}-{th}x{pc}" for st, cp, th, pc in variants if f"{st}-{cp}" in ok]
+    ok = {k for k, r in res["verify"].items() if not r["mismatches"] and r["tensors"]}
+    # name -> (child method, threads, piece bytes, the variant)
+    plan = {"load_file": ("load_file", 16, 8 << 20, None)}
+    plan.update({f"{st}-{cp}-{th}x{pc}": (f"ours-{st}-{cp}", th, pc << 20, (st, cp, th, pc))
+                 for st, cp, th, pc in variants if f"{st}-{cp}" in ok})
     for _ in range(runs):
-        for name in names:
+        for name, (method, th, pc, _v) in plan.items():
             if name in res["failed"]:
                 continue
-            if name == "load_file":
-                method, th, pc = "load_file", 16, 8 << 20
-            else:
-                st, cp, thpc = name.split("-")
-                th, pc = (int(x) for x in thpc.split("x"))
-                method, pc = f"ours-{st}-{cp}", pc << 20
             try:
                 r = _run_child(method, files, device, th, pc, timeout=120)
             except (subprocess.SubprocessError, ValueError, IndexError) as e:
@@ -295,8 +303,7 @@ def explore(folder: str, device: str = "cuda", variants=None, runs: int = 3, log
     ours = {k: m for k, m in med.items() if k != "load_file"}
     if ours:
         best = min(ours, key=ours.get)
-        st, cp, thpc = best.split("-")
-        th, pc = (int(x) for x in thpc.split("x"))
+        st, cp, th, pc = plan[best][3]
         res["best"] = {"name": best, "staging": st, "copier": cp, "threads": th, "piece_mib": pc,
                        "median_s": round(ours[best], 4)}
     log(res["table"])

@@ -59,33 +59,6 @@ def machine(device: str) -> dict:
     return info
 
 
-def same_as_library(paths: list[str], device: str, **options) -> dict:
-    import torch
-    from safetensors.torch import load_file
-
-    from reference.load import load
-
-    ours = load(paths, device=device, **options)
-    by_path = {f.path: f for f in ours.values()}
-    bad, n = [], 0
-    for p in paths:
-        lib = load_file(p, device=device)
-        mine = by_path[p]
-        if sorted(lib) != sorted(mine.tensors):
-            bad.append(f"{p}: names differ")
-            continue
-        for name, t in lib.items():
-            n += 1
-            a, b = mine[name], t
-            if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device or not torch.equal(
-                    a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)):
-                bad.append(f"{p}: {name}")
-        del lib
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return {"tensors": n, "files": len(paths), "mismatches": bad}
-
-
 def reference_on_device(demo: str, device: str) -> dict:
     """Every entry point on the demo files: device against CPU."""
     import torch
@@ -149,11 +122,11 @@ def main(argv=None) -> dict:
             options = {"staging": b["staging"], "copier": b["copier"], "threads": b["threads"],
                        "piece_bytes": b["piece_mib"] << 20}
         save()
-    res["options"] = {k: v for k, v in options.items()}
+    res["options"] = dict(options)
     for name, paths in (("full", full), ("demo", [os.path.join(args.demo, n) for n in sorted(os.listdir(args.demo))
                                                    if n.endswith(".safetensors")] if args.demo else [])):
         if paths:
-            res[f"identical_{name}"] = r = same_as_library(paths, args.device, **options)
+            res[f"identical_{name}"] = r = bulk_load.same_as_library(paths, args.device, **options)
             log(f"byte-identical to load_file ({name}): {r['tensors'] - len(r['mismatches'])}/{r['tensors']} tensors"
                 + (f"; MISMATCHES: {r['mismatches'][:5]}" if r["mismatches"] else ""))
     res["bulk_load"] = bulk_load.measure(args.work, args.device, runs=args.runs, cold=True, log=log,
