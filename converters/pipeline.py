@@ -96,6 +96,24 @@ INFERENCE = {
     "generation": {"do_sample": True, "top_p": 0.8, "top_k": 30, "temperature": 0.8, "num_beams": 3,
                    "repetition_penalty": 10.0, "length_penalty": 0.0, "max_mel_tokens": 1500},
     "conditioning_lengths": "infer_v2 passes spk_cond_emb.shape[-1] (the feature width) as the length, so nothing is masked",
+    # The audio inputs, as infer_v2's _load_and_cut_audio and _get_*_conditioning read them.
+    "speaker_prompt": "librosa.load(path) at its default 22050 Hz (mono, soxr_hq), cut to max_reference_audio_s, then "
+                      "torchaudio Resample to semantic_features_hz (w2v-bert, CAMPPlus) and to mel_hz (the mel prompt)",
+    "emotion_prompt": "librosa.load(path, sr=16000) directly (mono, soxr_hq), cut to max_reference_audio_s; the speaker "
+                      "prompt's file when no emotion prompt is given or an emotion vector is",
+    # The explicit emotion vector: normalize_emo_vec (the web UI applies it before infer), then infer's alpha scaling.
+    "emotion_names": ["happy", "angry", "sad", "afraid", "disgusted", "melancholic", "surprised", "calm"],
+    "emotion_vector_bias": [0.9375, 0.875, 1.0, 1.0, 0.9375, 0.9375, 0.6875, 0.5625],
+    "emotion_vector_max_sum": 0.8,  # normalize_emo_vec scales the biased weights down to this sum at most
+    "emotion_vector_alpha": "w = [int(x * clamp(alpha, 0, 1) * 10000) / 10000 for x in w] when the scale is not 1; "
+                            "then the emotion prompt is the speaker prompt with alpha 1",
+    "emotion_vector_mix": "emovec = sum_g w[g] * emotion_matrix[group g][argmax_i cos(style, speaker_matrix[group g][i])] "
+                          "+ (1 - sum(w)) * merge_emovec(...)",
+    "repetition_penalty_ids": "generate's input_ids: one fake id 1 per prompt embedding, start_mel_token, then the codes: "
+                              "ids 1 and start_mel_token are penalised from the first step",
+    "cfm_noise": "torch.randn([1, in_channels, T_prompt + T_target]) from torch's global generator inside cfm.inference",
+    "output_pcm16": "round(clamp(32767 * wav, -32767, 32767)) as int16 (IndexTTS-2.5's save_pcm_wav; indextts2 writes "
+                    "the float waveform through torchaudio.save(bits_per_sample=16))",
 }
 
 

@@ -310,6 +310,46 @@ def dit(w, x, prompt_x, x_lens, t, style, cond, acts=None):
     return linear(y, w[f"{E}conv2.weight"], w[f"{E}conv2.bias"]).transpose(1, 2)
 
 
+def cfm_inference(w, cond, prompt_mel, style, noise, steps: int, cfg_rate: float, acts=None):
+    """The flow-matching sampler as upstream's ``CFM.inference`` / ``solve_euler`` runs it:
+    mel ``[1, in_channels, T]`` from the content ``cond`` ``[1, T, content_dim]`` (prompt
+    frames first), the prompt mel ``[1, in_channels, T_prompt]``, ``style`` and the noise
+    ``x_0`` ``[1, in_channels, T]``.
+
+    ``prompt_x`` is the prompt mel in its first ``T_prompt`` frames and zero after; ``x``
+    starts as the noise with its prompt frames zeroed, and they are zeroed again after
+    every step.  Euler over ``steps`` steps of ``linspace(0, 1, steps + 1)``, where ``t``
+    is accumulated (``t += dt``, float32) rather than read from the grid.  With
+    ``cfg_rate > 0`` each step runs the estimator on a batch of two, the second with
+    zero ``prompt_x``, zero style and zero content, and takes
+    ``(1 + cfg_rate) * v_cond - cfg_rate * v_uncond``.  ``acts["step.<k>"]``: ``x``
+    after step k."""
+    T = cond.shape[1]
+    n_prompt = prompt_mel.shape[-1]
+    x = noise.clone()
+    prompt_x = torch.zeros_like(x)
+    prompt_x[..., :n_prompt] = prompt_mel[..., :n_prompt]
+    x[..., :n_prompt] = 0
+    x_lens = torch.tensor([T], dtype=torch.int64, device=cond.device)
+    grid = torch.linspace(0, 1, steps + 1, device=cond.device)
+    t = grid[0]
+    for k in range(1, steps + 1):
+        dt = grid[k] - grid[k - 1]
+        if cfg_rate > 0:
+            v = dit(w, torch.cat([x, x]), torch.cat([prompt_x, torch.zeros_like(prompt_x)]), x_lens,
+                    torch.stack([t, t]), torch.cat([style, torch.zeros_like(style)]),
+                    torch.cat([cond, torch.zeros_like(cond)]))
+            v_cond, v_uncond = v.chunk(2, dim=0)
+            v = (1.0 + cfg_rate) * v_cond - cfg_rate * v_uncond
+        else:
+            v = dit(w, x, prompt_x, x_lens, t.unsqueeze(0), style, cond)
+        x = x + dt * v
+        t = t + dt
+        x[:, :, :n_prompt] = 0
+        record(acts, f"step.{k}", x)
+    return x
+
+
 # ------------------------------------------------------------------ entry points
 
 

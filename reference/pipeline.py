@@ -1,0 +1,352 @@
+"""Speech from the bundle alone: text and a voice prompt to a waveform, running every
+step of ``manifest.json`` ``pipeline.flow`` on the canonical files, as upstream's
+``IndexTTS2.infer`` runs them (``indextts/infer_v2.py``).
+
+:func:`synthesize` reads only the bundle: ``manifest.json`` (the front-end settings,
+the glue constants under ``pipeline.inference``, the tokenizer's path), the canonical
+files (through :mod:`reference.load`) and the bundled tokenizer.  It returns the
+waveform and a trace of every intermediate, keyed ``<step>.<output>`` with the
+manifest's step names (:data:`TRACE_2_0` lists them in order).
+
+The flow (IndexTTS-2.0), with the places ports get wrong:
+
+1. The speaker prompt is read as ``librosa.load`` does at 22.05 kHz (mono, soxr), cut to
+   ``max_reference_audio_s`` (15 s), then resampled to 16 kHz with torchaudio's sinc
+   ``Resample``.  The emotion prompt (the speaker prompt when none is given) is read
+   by librosa at 16 kHz directly, so its features differ from the speaker's even for
+   the same file.
+2. ``semantic_features``: SeamlessM4T features of the 16 kHz audio, w2v-bert,
+   ``hidden_states[17]`` normalised; ``semantic_codes``: the codec's ``quantize``
+   (only its quantized embedding is used); ``reference_mel``: the s2mel mel of the
+   22.05 kHz audio; ``style``: CAMPPlus on the Kaldi fbank of the 16 kHz audio minus its
+   mean over time; ``prompt_condition``: the length regulator on the quantized
+   embedding, resized to the mel's frame count.
+3. ``emotion_vector``: ``merge_emovec(spk, emo, alpha)``, where the lengths passed are
+   the feature width (1024), as infer_v2 passes them; with an explicit emotion vector
+   ``w`` (after ``normalize_emo_vec`` when asked, and infer's 4-decimal scaling by
+   ``alpha``), ``emotion_mix + (1 - sum(w)) * emovec`` and the emotion prompt is the
+   speaker prompt with alpha 1.
+4. ``codes``: :mod:`reference.generate` (greedy, or seeded sampling); cut at the first
+   ``stop_mel_token``.  ``latents``: the teacher-forced GPT pass over the cut codes.
+5. ``latent_projection`` (s2mel ``gpt_layer``), ``code_embeddings``: ``vq2emb(codes)
+   + latent``; ``target_condition``: the length regulator to
+   ``(code_len * 1.72).long()`` frames, computed in float32 as torch does;
+   ``mel``: the CFM sampler on ``cat(prompt_condition, cond)`` with the prompt mel,
+   style and noise, 25 steps, CFG 0.7; the prompt's frames are cut off.
+6. ``waveform``: BigVGAN, clamped to [-1, 1].
+
+Noise and sampling: the CFM noise is ``torch.randn([1, in_channels, T])`` from a CPU
+generator seeded with ``seed`` (upstream draws it from torch's global generator; seeding
+that right before ``cfm.inference`` gives the same values), or ``noise`` when given.
+Sampling draws from a second CPU generator seeded with ``seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from . import bigvgan, campplus, front_ends, gpt, matrices, s2mel, semantic_codec, text, w2v_bert
+from .generate import Decoding, cut_at_stop, generate, prompt_2_0
+from .load import load
+
+# Every trace key of an IndexTTS-2.0 synthesis, in the order the steps run.
+TRACE_2_0 = (
+    "prompt.audio_22k", "prompt.audio_16k",
+    "semantic_features.input_features", "semantic_features.attention_mask", "semantic_features.feature",
+    "semantic_codes.S_ref", "reference_mel.ref_mel", "style.fbank", "style.style",
+    "prompt_condition.prompt_condition",
+    "emotion_features.audio_16k", "emotion_features.feature", "emotion_vector.emovec",
+    "speech_conditioning.conditioning", "text.ids", "codes.codes", "latents.latent",
+    "latent_projection.latent", "code_embeddings.S_infer", "target_condition.cond",
+    "mel.noise", "mel.mel", "mel.target", "waveform.wav",
+)
+FILES_2_0 = ("gpt", "s2mel", "w2v-bert", "semantic-codec", "campplus", "bigvgan", "speaker-matrix", "emotion-matrix")
+
+
+class PipelineError(ValueError):
+    """Bad input or a bundle that cannot run: the message is one line."""
+
+
+@dataclass
+class Bundle:
+    """A converted folder, loaded: its manifest and every canonical file by model kind."""
+
+    path: str
+    manifest: dict
+    files: dict
+    version: str
+
+    @property
+    def pipeline(self) -> dict:
+        return self.manifest["pipeline"]
+
+    def tokenizer_path(self) -> str:
+        entry = self.manifest.get("bundle", {}).get("tokenizer")
+        if not entry:
+            raise PipelineError(f"{self.path}: manifest.json names no tokenizer (bundle.tokenizer)")
+        p = os.path.join(self.path, entry["path"])
+        if not os.path.isfile(p):
+            raise PipelineError(f"{self.path}: the tokenizer {entry['path']} named by manifest.json is missing")
+        return p
+
+
+def open_bundle(path: str, device: str = "cpu") -> Bundle:
+    """Load a bundle folder, refusing one that lacks a file the flow needs (named)."""
+    mf = os.path.join(path, "manifest.json")
+    if not os.path.isfile(mf):
+        raise PipelineError(f"{path}: no manifest.json; not a converted bundle (run `convert.py all`)")
+    with open(mf) as f:
+        manifest = json.load(f)
+    version = manifest.get("family_version", "2.0")
+    if version != "2.0":
+        raise PipelineError(f"{path}: an IndexTTS-{version} bundle; the reference pipeline runs IndexTTS-2.0 bundles only")
+    if "pipeline" not in manifest:
+        raise PipelineError(f"{path}: manifest.json has no pipeline section; convert the release again")
+    names = {k: v for k, v in manifest.get("files", {}).items()}
+    by_kind = {rec.get("model"): name for name, rec in names.items()}
+    missing = [k for k in FILES_2_0 if k not in by_kind or not os.path.isfile(os.path.join(path, by_kind[k]))]
+    if missing:
+        shown = ", ".join(f"{by_kind.get(k, k + ' (not in manifest.json)')}" for k in missing)
+        raise PipelineError(f"{path}: the bundle lacks {shown}, which the flow needs")
+    files = load([os.path.join(path, by_kind[k]) for k in FILES_2_0], device)
+    files = {k: w.float() for k, w in files.items()}
+    for k, w in files.items():
+        if w.metadata.get("family_version", "2.0") != version:
+            raise PipelineError(f"{w.path}: an IndexTTS-{w.metadata.get('family_version')} file in an IndexTTS-{version} bundle")
+    b = Bundle(path, manifest, files, version)
+    _check_chain(b)
+    return b
+
+
+def _check_chain(b: Bundle) -> None:
+    """The widths upstream hard-codes between files, which a bundle must meet to run end to end."""
+    g, s2, w2v, codec = (b.files[k].config for k in ("gpt", "s2mel", "w2v-bert", "semantic-codec"))
+    rules = [
+        (w2v["hidden_size"] == g["conditioning_encoder"]["input_size"],
+         f"w2v-bert hidden_size {w2v['hidden_size']} != gpt conditioning input {g['conditioning_encoder']['input_size']}"),
+        (g["model_dim"] == s2["gpt_layer_dims"][0],
+         f"gpt model_dim {g['model_dim']} != s2mel gpt_layer input {s2['gpt_layer_dims'][0]}"),
+        (s2["gpt_layer_dims"][-1] == codec["hidden_size"] == s2["length_regulator_in_channels"],
+         f"s2mel gpt_layer output {s2['gpt_layer_dims'][-1]}, codec hidden_size {codec['hidden_size']} and "
+         f"length regulator input {s2['length_regulator_in_channels']} differ"),
+    ]
+    bad = [why for ok, why in rules if not ok]
+    if bad:
+        raise PipelineError(f"{b.path}: the files do not chain end to end ({'; '.join(bad)}); this bundle can be "
+                            "loaded model by model but cannot synthesise")
+
+
+@dataclass
+class Result:
+    wav: torch.Tensor  # [1, n] float32 in [-1, 1]
+    sample_rate: int
+    trace: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+
+def _audio(prompt, what: str):
+    """(samples [channels, n] float32, rate) from a path or a (samples, rate) pair."""
+    if isinstance(prompt, (str, os.PathLike)):
+        try:
+            return front_ends.read_wav(str(prompt))
+        except ValueError as e:
+            raise PipelineError(f"{what}: {e}") from None
+    samples, sr = prompt
+    samples = torch.as_tensor(samples, dtype=torch.float32)
+    if samples.ndim == 1:
+        samples = samples.unsqueeze(0)
+    if samples.numel() == 0:
+        raise PipelineError(f"{what}: the audio is empty")
+    return samples.numpy(), int(sr)
+
+
+def normalize_emotion_vector(weights: list[float], inf: dict) -> list[float]:
+    """infer_v2's ``normalize_emo_vec``: per-emotion bias, then scaled down to a sum of at
+    most ``emotion_vector_max_sum`` (constants from the manifest)."""
+    v = [x * b for x, b in zip(weights, inf["emotion_vector_bias"])]
+    total = sum(v)
+    if total > inf["emotion_vector_max_sum"]:
+        v = [x * (inf["emotion_vector_max_sum"] / total) for x in v]
+    return v
+
+
+def synthesize(bundle, text_in: str, prompt_audio, *, emotion_prompt=None, emotion_alpha: float = 1.0,
+               emotion_vector: list[float] | None = None, normalize_emotion: bool = True,
+               max_codes: int | None = None, greedy: bool = False, seed: int = 0,
+               noise: torch.Tensor | None = None, device: str = "cpu", progress=None) -> Result:
+    """Run the whole flow (see the module docstring).  ``bundle`` is a folder or a
+    :class:`Bundle`; ``prompt_audio`` and ``emotion_prompt`` are WAV paths or
+    ``(samples, rate)``.  ``progress(step)`` is called as each stage starts."""
+    b = bundle if isinstance(bundle, Bundle) else open_bundle(str(bundle), device)
+    with torch.inference_mode():
+        return _run(b, text_in, prompt_audio, emotion_prompt, emotion_alpha, emotion_vector, normalize_emotion,
+                    max_codes, greedy, seed, noise, progress or (lambda step: None))
+
+
+def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, normalize, max_codes, greedy, seed,
+         noise, progress) -> Result:
+    p, w = b.pipeline, b.files
+    fe, inf, rates = p["front_ends"], p["inference"], p["sample_rates"]
+    dev = w["gpt"]["mel_head.weight"].device
+    tr: dict[str, torch.Tensor] = {}
+    gen = inf["generation"]
+    decoding = Decoding(greedy=greedy, temperature=gen["temperature"], top_k=gen["top_k"], top_p=gen["top_p"],
+                        repetition_penalty=gen["repetition_penalty"], num_beams=1)
+    max_codes = max_codes if max_codes is not None else gen["max_mel_tokens"]
+    cap_s = inf["max_reference_audio_s"]
+
+    ids = _tokens(b, text_in)
+
+    progress("prompt")
+    samples, sr = _audio(prompt_audio, "speaker prompt")
+    mel_hz, sem_hz = rates["mel_hz"], rates["semantic_features_hz"]
+    a22 = front_ends.cut(front_ends.load_prompt(samples, sr, mel_hz), cap_s, mel_hz)
+    _check_length(a22, mel_hz, inf, "speaker prompt")
+    a16 = front_ends.resample(a22, mel_hz, sem_hz)
+    tr["prompt.audio_22k"], tr["prompt.audio_16k"] = a22, a16
+    a22, a16 = a22.to(dev), a16.to(dev)
+
+    progress("semantic_features")
+    spk = _features(w, fe, a16, tr, "semantic_features")
+    progress("semantic_codes")
+    _, s_ref = semantic_codec.quantize(w["semantic-codec"], spk)
+    tr["semantic_codes.S_ref"] = s_ref
+    progress("reference_mel")
+    ref_mel = front_ends.s2mel_mel(a22, fe["s2mel_mel"])
+    tr["reference_mel.ref_mel"] = ref_mel
+    progress("style")
+    fbank = front_ends.campplus_fbank(a16, fe["campplus_fbank"])
+    style = campplus.embed(w["campplus"], fbank.unsqueeze(0))
+    tr["style.fbank"], tr["style.style"] = fbank, style
+    progress("prompt_condition")
+    prompt_cond = s2mel.length_regulator(w["s2mel"], s_ref, torch.tensor([ref_mel.shape[-1]], device=dev))
+    tr["prompt_condition.prompt_condition"] = prompt_cond
+
+    progress("emotion_vector")
+    if emo_weights is not None:
+        emo_weights = _emotion_weights(emo_weights, alpha, normalize, inf, w["emotion-matrix"].config["emo_num"])
+        emotion_prompt, alpha = None, 1.0
+    if emotion_prompt is None:
+        emotion_prompt, alpha = prompt_audio, 1.0
+    e_samples, e_sr = _audio(emotion_prompt, "emotion prompt")
+    e16 = front_ends.cut(front_ends.load_prompt(e_samples, e_sr, sem_hz), cap_s, sem_hz)
+    _check_length(e16, sem_hz, inf, "emotion prompt")
+    tr["emotion_features.audio_16k"] = e16
+    emo = _features(w, fe, e16.to(dev), tr, "emotion_features", record_inputs=False)
+    width = lambda x: torch.tensor([x.shape[-1]], device=dev)  # noqa: E731 - infer_v2 passes the feature width
+    emovec = gpt.merge_emovec(w["gpt"], spk.transpose(1, 2), emo.transpose(1, 2), width(spk), width(emo), alpha)
+    if emo_weights is not None:
+        wv = torch.tensor(emo_weights, dtype=torch.float32, device=dev)
+        emovec = matrices.emotion_mix(w["speaker-matrix"], w["emotion-matrix"], style, wv) + (1 - torch.sum(wv)) * emovec
+    tr["emotion_vector.emovec"] = emovec
+
+    progress("speech_conditioning")
+    cond = gpt.conditioning(w["gpt"], spk.transpose(1, 2), width(spk))
+    tr["speech_conditioning.conditioning"] = cond
+
+    progress("codes")
+    text_ids = torch.tensor([ids], dtype=torch.int64, device=dev)
+    tr["text.ids"] = text_ids
+    sampler = torch.Generator().manual_seed(seed)
+    raw = generate(w["gpt"], prompt_2_0(w["gpt"], cond, emovec, text_ids), max_codes, decoding, sampler)
+    codes = cut_at_stop(raw, w["gpt"].config["stop_mel_token"])
+    if codes.shape[1] == 0:
+        raise PipelineError("the GPT stopped before its first code; there is nothing to synthesise (try another seed)")
+    tr["codes.codes"] = codes
+    n = torch.tensor([codes.shape[1]], dtype=torch.int64, device=dev)
+
+    progress("latents")
+    latent, _ = gpt.forward_latents(w["gpt"], cond, emovec, text_ids, torch.tensor([len(ids)], device=dev), codes, n)
+    tr["latents.latent"] = latent
+    latent = s2mel.gpt_layer(w["s2mel"], latent)
+    tr["latent_projection.latent"] = latent
+    s_infer = semantic_codec.vq2emb(w["semantic-codec"], codes).transpose(1, 2) + latent
+    tr["code_embeddings.S_infer"] = s_infer
+    target_len = (n * inf["mel_frames_per_code"]).long()  # float32 product, truncated, as infer_v2
+    cond_t = s2mel.length_regulator(w["s2mel"], s_infer, target_len)
+    tr["target_condition.cond"] = cond_t
+
+    progress("mel")
+    content = torch.cat([prompt_cond, cond_t], 1)
+    shape = (1, w["s2mel"].config["in_channels"], content.shape[1])
+    noise_from = "seed" if noise is None else "given"
+    if noise is None:
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    elif tuple(noise.shape) != shape:
+        raise PipelineError(f"the CFM noise has shape {list(noise.shape)}, the flow needs {list(shape)}")
+    noise = noise.to(dev, torch.float32)
+    tr["mel.noise"] = noise
+    mel = s2mel.cfm_inference(w["s2mel"], content, ref_mel, style, noise, inf["diffusion_steps"], inf["inference_cfg_rate"])
+    tr["mel.mel"] = mel
+    target = mel[:, :, ref_mel.shape[-1]:]
+    tr["mel.target"] = target
+
+    progress("waveform")
+    lo, hi = inf["output_clamp"]
+    wav = bigvgan.vocode(w["bigvgan"], target).reshape(1, -1).clamp(lo, hi)
+    tr["waveform.wav"] = wav
+    opts = {"text": text_in, "greedy": greedy, "seed": seed, "max_codes": max_codes, "emotion_alpha": alpha,
+            "emotion_vector": emo_weights, "decoding": decoding.__dict__, "noise": noise_from}
+    return Result(wav.cpu(), rates["output_hz"], {k: v.detach().cpu() for k, v in tr.items()}, opts)
+
+
+TRACE_SCHEMA = "indextts2-pipeline-trace"
+
+
+def trace_metadata(b: Bundle, r: Result) -> dict[str, str]:
+    """The metadata of a trace file: the options, the step order, and the sha256 of every
+    bundle file used (as ``manifest.json`` records them)."""
+    from . import REFERENCE_VERSION
+
+    used = {name: rec["sha256"] for name, rec in sorted(b.manifest["files"].items()) if rec.get("model") in FILES_2_0}
+    used[b.manifest["bundle"]["tokenizer"]["path"]] = next(iter(b.manifest["bundle"]["tokenizer"]["files"].values()))["sha256"]
+    return {"schema": TRACE_SCHEMA, "family_version": b.version, "reference_version": REFERENCE_VERSION,
+            "options": json.dumps(r.options, sort_keys=True), "steps": json.dumps([k for k in TRACE_2_0 if k in r.trace]),
+            "files_sha256": json.dumps(used, sort_keys=True), "sample_rate": str(r.sample_rate)}
+
+
+def _tokens(b: Bundle, text_in: str) -> list[int]:
+    if not isinstance(text_in, str) or not text_in.strip():
+        raise PipelineError("the text is empty")
+    try:
+        return text.sentencepiece_ids(b.tokenizer_path(), text_in)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+
+
+MIN_PROMPT_S = 0.5  # the reference's own floor: shorter prompts leave the encoders a few frames
+
+
+def _check_length(audio: torch.Tensor, sr: int, inf: dict, what: str) -> None:
+    least = MIN_PROMPT_S
+    if audio.shape[-1] < least * sr:
+        raise PipelineError(f"{what}: {audio.shape[-1] / sr:.3f} s of audio; at least {least} s is needed")
+
+
+def _features(w, fe: dict, a16: torch.Tensor, tr: dict, step: str, record_inputs: bool = True) -> torch.Tensor:
+    feats, mask = front_ends.w2v_bert_features(a16, fe["w2v_bert_features"])
+    feats, mask = feats.to(a16.device), mask.to(a16.device)
+    if record_inputs:
+        tr[f"{step}.input_features"], tr[f"{step}.attention_mask"] = feats, mask
+    out = w2v_bert.semantic_features(w["w2v-bert"], feats, mask)
+    tr[f"{step}.feature"] = out
+    return out
+
+
+def _emotion_weights(weights, alpha: float, normalize: bool, inf: dict, emo_num) -> list[float]:
+    weights = [float(x) for x in weights]
+    if len(weights) != len(emo_num):
+        raise PipelineError(f"the emotion vector has {len(weights)} weights; the bundle has {len(emo_num)} emotions "
+                            f"({', '.join(inf['emotion_names'])})")
+    if any(x < 0 for x in weights):
+        raise PipelineError("emotion weights must not be negative")
+    if normalize:
+        weights = normalize_emotion_vector(weights, inf)
+    scale = max(0.0, min(1.0, alpha))
+    if scale != 1.0:  # infer_v2: scaled by alpha and truncated to 4 decimals
+        weights = [int(x * scale * 10000) / 10000 for x in weights]
+    return weights
