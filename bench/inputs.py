@@ -14,10 +14,11 @@ device (no memory, no init) at the released configs:
 - ``bigvgan/{bigvgan_generator.pt, config.json}``: ``{"generator": sd}`` with
   ``weight_g``/``weight_v``, at ``bigvgan_v2_22khz_80band_256x``'s config
 - the small models ``convert.py all`` also converts (``feat1.pt``, ``feat2.pt``, the
-  MaskGCT semantic codec, CAMPPlus) by the demo builders of ``tests/upstream``, sized by
-  the release config where it has a section (the matrices' grouping and widths, the
-  codec), else at demo size (CAMPPlus: the release hard-codes it); the targets are about
-  the four big files
+  MaskGCT semantic codec) by the demo builders of ``tests/upstream``, sized by the
+  release config's sections (the matrices' grouping and widths, the codec); CAMPPlus at
+  the size infer_v2 hard-codes (``CAMPPlus(feat_dim=80, embedding_size=192)``, 28 MB),
+  and ``bpe.model`` the demo's 20-piece SentencePiece model (a stand-in for the real
+  12,000 pieces), so that the bundle synthesises end to end
 
 ``size="tiny"`` uses the tiny configs of ``tests/upstream`` instead (for the smoke test).
 
@@ -72,11 +73,11 @@ def released(name: str) -> dict:
 
 
 STAMP = ".complete"
-VERSION = 3  # bump when the layout changes, so old caches are regenerated
+VERSION = 4  # bump when the layout changes, so old caches are regenerated
 S2MEL_PARTS = ("cfm", "length_regulator", "gpt_layer")
 # The release's small models, which `convert.py all` also converts: written by their
 # tiny demo builders (tests/upstream/<name>.py), not at full size.
-SMALL_MODELS = ("speaker_matrix", "emotion_matrix", "semantic_codec", "campplus")
+SMALL_MODELS = ("speaker_matrix", "emotion_matrix", "semantic_codec")
 SIZES = ("full", "tiny", "full-2.5")
 
 
@@ -88,7 +89,8 @@ def version(size: str) -> str:
 def configs(size: str) -> dict:
     """{"yaml": config.yaml document, "w2v": Wav2Vec2BertConfig kwargs, "bigvgan": config.json}"""
     if size == "full":
-        return {"yaml": released("indextts2"), "w2v": {}, "bigvgan": released("bigvgan_v2_22khz_80band_256x")}
+        return {"yaml": released("indextts2"), "w2v": {}, "bigvgan": released("bigvgan_v2_22khz_80band_256x"),
+                "campplus": "real"}
     if size == "full-2.5":
         return {"yaml": released("indextts2_5"), "w2v": {}, "bigvgan": released("bigvgan_v2_22khz_80band_256x")}
     if size == "tiny":
@@ -217,7 +219,14 @@ def release_files(folder: str, size: str = "full") -> dict[str, str]:
         "stats": os.path.join(folder, "wav2vec2bert_stats.pt"),
         "bigvgan": os.path.join(folder, "bigvgan", "bigvgan_generator.pt"),
         "bigvgan-config": os.path.join(folder, "bigvgan", "config.json"),
+        "campplus": os.path.join(folder, "campplus", "campplus_cn_common.bin"),
+        "tokenizer": os.path.join(folder, "bpe.model"),
     }
+
+
+# The 2.0 bench release's tokenizer: the demo's SentencePiece model (20 pieces), a small
+# stand-in for the real 12,000-piece bpe.model, so that the bundle can synthesise.
+DEMO_BPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "release", "bpe.model")
 
 
 def all_inputs(folder: str) -> list[str]:
@@ -305,6 +314,15 @@ def _write_2_0(folder: str, cfg: dict, mods: dict, gen: torch.Generator, files: 
     _write_config(files["config"], doc, "")
     for m in small:  # the small models at demo size (together well under 1% of the bytes at full size)
         m.write_demo(folder, doc)
+    from tests.upstream import campplus
+
+    shutil.rmtree(os.path.dirname(files["campplus"]), ignore_errors=True)  # no campplus.json of another size left beside it
+    if cfg.get("campplus") == "real":  # at the size infer_v2 hard-codes: the pipeline runs it on 80-bin fbanks
+        log("inputs: campplus/campplus_cn_common.bin")
+        campplus.save_release(campplus.build(campplus.REAL, seed=2026), os.path.dirname(files["campplus"]))
+    else:
+        campplus.write_demo(folder, doc)
+    shutil.copyfile(DEMO_BPE, files["tokenizer"])
 
     log("inputs: gpt.pth")
     sd = materialise(mods["gpt"].state_dict(), gen)

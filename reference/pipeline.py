@@ -124,8 +124,14 @@ def open_bundle(path: str, device: str = "cpu") -> Bundle:
 
 def _check_chain(b: Bundle) -> None:
     """The widths upstream hard-codes between files, which a bundle must meet to run end to end."""
-    g, s2, w2v, codec = (b.files[k].config for k in ("gpt", "s2mel", "w2v-bert", "semantic-codec"))
+    g, s2, w2v, codec, cam = (b.files[k].config for k in ("gpt", "s2mel", "w2v-bert", "semantic-codec", "campplus"))
+    fe = b.pipeline["front_ends"]
+    feat_in = fe["w2v_bert_features"]["num_mel_bins"] * fe["w2v_bert_features"]["stride"]
     rules = [
+        (cam["feat_dim"] == fe["campplus_fbank"]["num_mel_bins"],
+         f"campplus feat_dim {cam['feat_dim']} != the {fe['campplus_fbank']['num_mel_bins']}-bin fbank infer_v2 feeds it"),
+        (w2v["feature_projection_input_dim"] == feat_in,
+         f"w2v-bert input width {w2v['feature_projection_input_dim']} != the SeamlessM4T features' {feat_in}"),
         (w2v["hidden_size"] == g["conditioning_encoder"]["input_size"],
          f"w2v-bert hidden_size {w2v['hidden_size']} != gpt conditioning input {g['conditioning_encoder']['input_size']}"),
         (g["model_dim"] == s2["gpt_layer_dims"][0],
