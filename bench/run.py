@@ -537,6 +537,12 @@ def main(argv: list[str] | None = None) -> dict:
         result["bulk_load"] = {"cpu": bulk_load.measure(outs, "cpu", runs=args.runs, log=log)}
         if result["machine"]["cuda"]:
             result["bulk_load"]["cuda"] = bulk_load.measure(outs, "cuda", runs=args.runs, cold=True, log=log)
+        if size == "full":  # issue 24: speech from the bundle (the 2.0 reference pipeline; 30 codes, one run)
+            from . import e2e
+
+            result["e2e"] = {"cpu": e2e.measure(outs, "cpu", 30, 1, log)}
+            if result["machine"]["cuda"]:
+                result["e2e"]["cuda"] = e2e.measure(outs, "cuda", 30, 3, log)
     finally:
         rmtree(work)
     result["verdicts"] = ok = verdicts(result)
@@ -550,6 +556,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(result["table"])
     for res in result.get("bulk_load", {}).values():
         print(res["table"])
+    for dev, res in result.get("e2e", {}).items():
+        r = res["runs"][0]
+        print(f"e2e ({dev}): {r['codes']} codes, {r['audio_s']} s of audio in {r['synthesis_s']} s (RTF {r['rtf']}), "
+              f"process start to audio {r['process_start_to_audio_s']} s, peak RSS {r['peak_rss_mib']} MiB; "
+              f"stages {r['stages_s']}")
     print(f"targets: {sum(ok.values())} of {len(ok)} met; JSON in {os.path.join(args.results, f'latest-{size}.json')}")
     return result
 
