@@ -8,6 +8,10 @@ SRC    ?= demo/release
 OUT    ?= canonical
 INDEXTTS2_INFERENCE := indextts2-inference==2.1.1
 INDEXTTS25_INFERENCE := indextts25-inference==0.2.0
+# torchaudio's kaldi.py and functional.py, the oracles of reference/front_ends.py (tests/test_front_ends.py
+# loads them as single files) and of tests/upstream/e2e.py (infer_v2's Resample and kaldi.fbank, run inside
+# upstream's own inference): no torchaudio build matches our torch, so its files go beside the venv.
+TORCHAUDIO_SIDE := torchaudio==2.11.1
 
 .PHONY: convert test check golden bench demo clean
 
@@ -19,6 +23,8 @@ $(VENV)/.runtime: requirements.txt
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PIP) install -q -r requirements-dev.txt
 	$(PIP) install -q --no-deps $(INDEXTTS2_INFERENCE) $(INDEXTTS25_INFERENCE)
+	rm -rf $(VENV)/torchaudio-side
+	$(PIP) install -q --no-deps --target $(VENV)/torchaudio-side $(TORCHAUDIO_SIDE)
 	touch $@
 
 convert: $(VENV)/.runtime

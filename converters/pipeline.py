@@ -8,7 +8,8 @@ otherwise from the constant below, which says where upstream hard-codes it:
 
 - ``sample_rates``: the rate each audio input is resampled to
 - ``front_ends``: the three feature extractors (w2v-bert's SeamlessM4T filterbank,
-  CAMPPlus's Kaldi filterbank, the s2mel mel spectrogram), every parameter named
+  CAMPPlus's Kaldi filterbank, the s2mel mel spectrogram), every parameter named, and
+  how a prompt file reaches their rates (``resampling``)
 - ``flow``: which output feeds which input, in order, with shapes
 - ``tokens``: the special token ids and the text tokenizer
 - ``inference``: the constants infer_v2 hard-codes between the models (mel frames per
@@ -43,8 +44,15 @@ SEAMLESS_FBANK = {
     "mel_norm": None,
     "mel_floor": 1.192092955078125e-07,
     "log": "natural",
-    "normalize": "per utterance and mel bin over the valid frames: (x - mean) / sqrt(var + 1e-7)",
-    "stack": "stride consecutive frames concatenated (an odd last frame dropped): [T, num_mel_bins] -> [T // stride, num_mel_bins * stride]",
+    "normalize": "per utterance and mel bin over its T frames, before padding: (x - mean) / sqrt(var + normalize_epsilon), "
+                 "var with normalize_ddof (the sample variance: fewer than 2 frames give NaN upstream)",
+    "normalize_ddof": 1,  # x.var(0, ddof=1)
+    "normalize_epsilon": 1e-7,
+    "pad_to_multiple_of": 2,  # __call__'s default: T frames padded with padding_value to a multiple of it
+    "stack": "after padding to T_pad frames, stride consecutive frames concatenated (T_pad % stride dropped): "
+             "[T_pad, num_mel_bins] -> [T_pad // stride, num_mel_bins * stride]",
+    "attention_mask": "one per stacked frame: 1 where frame stride * k + 1 (the second of its group) is a real frame, "
+                      "0 where it is padding (so an odd T's last stacked frame, real frame and padding, is masked)",
 }
 # Its class defaults, used when the w2v-bert folder has no preprocessor_config.json.
 SEAMLESS_DEFAULTS = {"feature_size": 80, "num_mel_bins": 80, "sampling_rate": 16000, "stride": 2, "padding_value": 0.0}
@@ -78,10 +86,39 @@ MEL_CONSTANTS = {
     "window": "hann (periodic), win_length",
     "pad": "reflect, (n_fft - hop_length) // 2 on both sides",
     "center": False,
-    "magnitude": "sqrt(re**2 + im**2 + 1e-9)",
+    "magnitude": "sqrt(re**2 + im**2 + magnitude_epsilon)",
+    "magnitude_epsilon": 1e-9,
     "mel_scale": "slaney (librosa default, htk=False)",
     "mel_norm": "slaney",
-    "log": "log(clamp(mel, min=1e-5))",
+    "log": "log(clamp(mel, min=log_clamp_min))",
+    "log_clamp_min": 1e-5,
+}
+
+# How infer_v2 brings a prompt file to the front ends' rates: librosa.load (soundfile's
+# decoding, to_mono, soxr), then torchaudio.transforms.Resample for the speaker prompt.
+RESAMPLING = {
+    "prompt_load": {
+        "upstream": "librosa.load(path, sr=rate) in infer_v2._load_and_cut_audio, then torch.tensor(audio).unsqueeze(0) "
+                    "and its first int(inference.max_reference_audio_s * rate) samples",
+        "speaker_prompt_hz": 22050,  # librosa.load's default sr: infer_v2 passes none for the speaker prompt
+        "emotion_prompt_hz": 16000,  # infer_v2 passes sr=16000 for the emotion prompt
+        "decode": "libsndfile's float32 read: PCM / 2**(bits - 1) (8-bit unsigned: (u - 128) / 128), IEEE float as stored",
+        "mono": "mean over the channels (librosa.to_mono)",
+        "non_finite": "refused (librosa.util.valid_audio)",
+        "resampler": "soxr.resample, when the file's rate differs",
+        "soxr_quality": "soxr_hq",  # librosa's default res_type, passed to soxr as quality
+        "length": "ceil(n * (target_hz / source_hz)): soxr's output zero-padded or cut to it (librosa.util.fix_length)",
+    },
+    "sinc": {
+        "upstream": "torchaudio.transforms.Resample(orig, new) with its defaults: the speaker prompt at speaker_prompt_hz "
+                    "to mel_hz for the mel and to 16000 for w2v-bert and CAMPPlus",
+        "method": "sinc_interp_hann",
+        "lowpass_filter_width": 6,
+        "rolloff": 0.99,
+        "rates": "divided by gcd(orig, new); equal rates return the input",
+        "kernel": "float64, cast to float32; the input zero-padded by width left and width + orig right, conv1d with stride orig",
+        "length": "ceil(float32(new * n / orig)) with the gcd-reduced rates",
+    },
 }
 
 # infer_v2.py: values hard-coded between the models.
@@ -152,6 +189,17 @@ def seamless_params(w2v_folder: str | None) -> dict:
     return {**vals, **SEAMLESS_FBANK, "source": source}
 
 
+def mel_params(s2: dict) -> dict:
+    """The s2mel mel front end's settings from the s2mel file's config (``fmax`` None,
+    infer_v2's reading of the config's "None", is written ``"sampling_rate / 2"``)."""
+    return {
+        "sampling_rate": s2["sampling_rate"], "n_fft": s2["n_fft"], "win_length": s2["win_length"],
+        "hop_length": s2["hop_length"], "n_mels": s2["n_mels"], "fmin": s2["fmin"],
+        "fmax": s2["fmax"] if s2["fmax"] is not None else "sampling_rate / 2",
+        **MEL_CONSTANTS, "source": "s2mel config (preprocess_params.spect_params), indextts/s2mel/modules/audio.py",
+    }
+
+
 def build(configs: dict[str, dict], w2v_folder: str | None = None, family_version: str = "2.0") -> dict:
     """The pipeline values for a bundle whose canonical files have these configs
     (``{model kind: metadata config}``; every kind must be present), of an IndexTTS
@@ -161,12 +209,7 @@ def build(configs: dict[str, dict], w2v_folder: str | None = None, family_versio
     seam = seamless_params(w2v_folder)
     feat_in = seam["num_mel_bins"] * seam["stride"]
     h = w2v["hidden_size"]
-    mel = {
-        "sampling_rate": s2["sampling_rate"], "n_fft": s2["n_fft"], "win_length": s2["win_length"],
-        "hop_length": s2["hop_length"], "n_mels": s2["n_mels"], "fmin": s2["fmin"],
-        "fmax": s2["fmax"] if s2["fmax"] is not None else "sampling_rate / 2",
-        **MEL_CONSTANTS, "source": "s2mel config (preprocess_params.spect_params), indextts/s2mel/modules/audio.py",
-    }
+    mel = mel_params(s2)
     norm_index = w2v.get("indextts2_hidden_state_index", 17)
     semantic_out = ("the encoder's last hidden state (statistics folded in, --profile indextts2)"
                     if w2v.get("profile") == "indextts2" else
@@ -211,6 +254,7 @@ def build(configs: dict[str, dict], w2v_folder: str | None = None, family_versio
             "w2v_bert_features": seam,
             "campplus_fbank": {**KALDI_FBANK, "source": "torchaudio.compliance.kaldi.fbank as infer_v2 calls it"},
             "s2mel_mel": mel,
+            "resampling": RESAMPLING,
         },
         "semantic_hidden_state": {"index": norm_index, "profile": w2v.get("profile", "full"), "value": semantic_out},
         "flow": None,

@@ -210,9 +210,12 @@ def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, n
     progress("prompt")
     samples, sr = _audio(prompt_audio, "speaker prompt")
     mel_hz, sem_hz = rates["mel_hz"], rates["semantic_features_hz"]
-    a22 = front_ends.cut(front_ends.load_prompt(samples, sr, mel_hz), cap_s, mel_hz)
-    _check_length(a22, mel_hz, inf, "speaker prompt")
-    a16 = front_ends.resample(a22, mel_hz, sem_hz)
+    rs = fe["resampling"]
+    spk_hz = rs["prompt_load"]["speaker_prompt_hz"]  # librosa.load's default rate, which infer_v2 relies on
+    a22 = front_ends.cut(front_ends.load_prompt(samples, sr, spk_hz, rs["prompt_load"]), cap_s, spk_hz)
+    _check_length(a22, spk_hz, inf, "speaker prompt")
+    a16 = front_ends.resample(a22, spk_hz, sem_hz, rs["sinc"])
+    a22 = front_ends.resample(a22, spk_hz, mel_hz, rs["sinc"])
     tr["prompt.audio_22k"], tr["prompt.audio_16k"] = a22, a16
     a22, a16 = a22.to(dev), a16.to(dev)
 
@@ -227,7 +230,7 @@ def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, n
     progress("style")
     fbank = front_ends.campplus_fbank(a16, fe["campplus_fbank"])
     style = campplus.embed(w["campplus"], fbank.unsqueeze(0))
-    tr["style.fbank"], tr["style.style"] = fbank, style
+    tr["style.fbank"], tr["style.style"] = fbank.unsqueeze(0), style
     progress("prompt_condition")
     prompt_cond = s2mel.length_regulator(w["s2mel"], s_ref, torch.tensor([ref_mel.shape[-1]], device=dev))
     tr["prompt_condition.prompt_condition"] = prompt_cond
@@ -239,8 +242,9 @@ def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, n
     if emotion_prompt is None:
         emotion_prompt, alpha = prompt_audio, 1.0
     e_samples, e_sr = _audio(emotion_prompt, "emotion prompt")
-    e16 = front_ends.cut(front_ends.load_prompt(e_samples, e_sr, sem_hz), cap_s, sem_hz)
-    _check_length(e16, sem_hz, inf, "emotion prompt")
+    emo_hz = rs["prompt_load"]["emotion_prompt_hz"]
+    e16 = front_ends.cut(front_ends.load_prompt(e_samples, e_sr, emo_hz, rs["prompt_load"]), cap_s, emo_hz)
+    _check_length(e16, emo_hz, inf, "emotion prompt")
     tr["emotion_features.audio_16k"] = e16
     emo = _features(w, fe, e16.to(dev), tr, "emotion_features", record_inputs=False)
     width = lambda x: torch.tensor([x.shape[-1]], device=dev)  # noqa: E731 - infer_v2 passes the feature width

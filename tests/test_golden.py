@@ -133,7 +133,8 @@ def test_golden_needs_canonical_files(tmp_path):
 
 BLOCKER = r"""
 import importlib.abc, sys
-BLOCKED = ("converters", "indextts", "transformers", "yaml", "safetensors", "tests", "omegaconf", "einops")
+BLOCKED = ("converters", "indextts", "transformers", "yaml", "safetensors", "tests", "omegaconf", "einops",
+           "librosa", "torchaudio", "soundfile", "audioread", "scipy", "kaldi_native_fbank")
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
@@ -153,13 +154,30 @@ for kind, w in sorted(files.items()):
         assert list(out) == list(e.outputs)
         ran.append(f"{kind}.{e.name}")
 print(" ".join(ran))
+# The front ends, configured from manifest.json alone, on a stereo 44.1 kHz prompt (soxr, sinc resampling).
+import json, os
+import numpy as np
+from reference import front_ends as fe
+pipe = json.load(open(os.path.join(sys.argv[1], "manifest.json")))["pipeline"]
+fronts, rates = pipe["front_ends"], pipe["sample_rates"]
+load_p, sinc = fronts["resampling"]["prompt_load"], fronts["resampling"]["sinc"]
+t = np.arange(30000) / 44100.0
+stereo = (0.5 * np.stack([np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 330 * t)])).astype(np.float32)
+a22 = fe.load_prompt(stereo, 44100, load_p["speaker_prompt_hz"], load_p)
+a16 = fe.resample(a22, load_p["speaker_prompt_hz"], rates["semantic_features_hz"], sinc)
+shapes = [fe.w2v_bert_features(a16, fronts["w2v_bert_features"])[0].shape, fe.campplus_fbank(a16, fronts["campplus_fbank"]).shape,
+          fe.s2mel_mel(a22, fronts["s2mel_mel"]).shape]
+print("front_ends", *(tuple(s) for s in shapes))
 """
 
 
 def test_reference_reads_only_canonical_files(bundle):
-    """Every entry point runs with upstream code, transformers, YAML, the
-    converter and the safetensors library unimportable."""
+    """Every entry point, and the front ends on the manifest's values, run with upstream
+    code, transformers, YAML, the converter, the safetensors library and the audio
+    libraries upstream uses (librosa, torchaudio, soundfile, scipy) unimportable."""
     p = subprocess.run([sys.executable, "-c", BLOCKER, str(bundle)], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr
-    ran = p.stdout.split()
+    lines = p.stdout.splitlines()
+    ran = lines[0].split()
     assert {r.split(".")[0] for r in ran} == set(MODULES), ran
+    assert lines[1].startswith("front_ends (1, "), lines  # reference/front_ends.py ran on the manifest's values

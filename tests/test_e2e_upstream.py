@@ -1,0 +1,349 @@
+"""End to end (issue 24): a tiny release whose widths chain (tests/upstream/chain.py) is
+converted with ``convert.py all``, upstream's own inference runs on it from the release
+files with every intermediate recorded (tests/upstream/e2e.py), and the reference
+pipeline, reading only the converted bundle, must give the same trace: codes identical,
+every other intermediate within 1e-4 of its scale (max |diff| <= 1e-4 * max |upstream|).
+
+One test per release version: each builds its fixture (the w2v-bert at 1024 x 17 layers
+is ~124M parameters, 0.5 GB), so keeping all checks of a version in one test keeps two
+pytest workers from building the same fixture twice.  The 2.5 comparison runs once
+``reference.pipeline`` accepts 2.5 bundles (until then the upstream trace is checked
+alone).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from tests.helpers import run_cli
+from tests.upstream import chain, e2e
+
+pytestmark = pytest.mark.e2e
+
+PROMPT_S = 1.5
+MAX_CODES = 12
+TEXT_2_0 = "CAB BAD DAB FACE"
+TEXT_2_5 = "cab bad dab face"
+# Not normalised (the emotion bias and cap of normalize_emo_vec are a caller's choice);
+# alpha 0.6 exercises infer's scaling with truncation to 4 decimals.
+EMO_VECTOR = [0.3, 0.0, 0.15, 0.0, 0.0, 0.1, 0.0, 0.2]
+EMO_ALPHA = 0.6
+RTOL = 1e-4
+
+
+@dataclass
+class Chain:
+    release: str
+    bundle: str
+    prompt: str
+    seconds: dict = field(default_factory=dict)
+
+
+def _chain(tmp_path_factory, version: str) -> Chain:
+    root = tmp_path_factory.mktemp(f"chain-{version}")
+    t0 = time.perf_counter()
+    release = chain.write_release(root / "release", version, seed=0)
+    t1 = time.perf_counter()
+    bundle = root / "bundle"
+    run_cli("all", "--src", release, "--out", bundle, "--quiet")
+    t2 = time.perf_counter()
+    prompt = chain.write_prompt_wav(root / "prompt.wav", PROMPT_S, seed=0)
+    return Chain(str(release), str(bundle), prompt, {"generate": t1 - t0, "convert": t2 - t1})
+
+
+@pytest.fixture(scope="session")
+def chain_2_0(tmp_path_factory):
+    return _chain(tmp_path_factory, "2.0")
+
+
+@pytest.fixture(scope="session")
+def chain_2_5(tmp_path_factory):
+    return _chain(tmp_path_factory, "2.5")
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _shape(tr, key, *dims):
+    assert tuple(tr[key].shape) == dims, f"{key}: {tuple(tr[key].shape)}, expected {dims}"
+
+
+def _front_end_shapes(tr, n_feat_in: int) -> tuple[int, int]:
+    """The prompt's front ends: lengths follow from the audio (returns T_feat, T_mel)."""
+    n22 = round(PROMPT_S * chain.SAMPLE_RATE)
+    _shape(tr, "prompt.audio_22k", 1, n22)  # librosa.load at 22050 Hz: the file's own rate, no resampling
+    n16 = math.ceil(n22 * 16000 / chain.SAMPLE_RATE)
+    _shape(tr, "prompt.audio_16k", 1, n16)
+    t_fb = (n16 - 400) // 160 + 1  # 25 ms frames every 10 ms, snip_edges
+    t_feat = t_fb // 2  # SeamlessM4T stacks two frames
+    _shape(tr, "semantic_features.input_features", 1, t_feat, n_feat_in)
+    _shape(tr, "semantic_features.attention_mask", 1, t_feat)
+    _shape(tr, "semantic_features.feature", 1, t_feat, chain.W2V_HIDDEN)
+    t_mel = n22 // chain.HOP  # reflect pad (n_fft - hop) / 2 each side, no centre
+    _shape(tr, "reference_mel.ref_mel", 1, chain.N_MELS, t_mel)
+    _shape(tr, "style.fbank", 1, t_fb, 80)
+    assert tr["style.fbank"].mean(1).abs().max() < 1e-4  # the mean over time is subtracted
+    _shape(tr, "style.style", 1, chain.STYLE)
+    assert tr["prompt_condition.ylens"].tolist() == [t_mel]
+    _shape(tr, "prompt_condition.prompt_condition", 1, t_mel, 16)
+    # the emotion prompt (the speaker prompt here) is read by librosa at 16 kHz (soxr), not resampled by torchaudio
+    e16 = tr["emotion_features.audio_16k"]
+    assert e16.shape[0] == 1 and abs(e16.shape[1] - n16) <= 1
+    m = min(n16, e16.shape[1])
+    assert not torch.equal(e16[:, :m], tr["prompt.audio_16k"][:, :m])
+    assert tr["emotion_features.feature"].shape[2] == chain.W2V_HIDDEN
+    return t_feat, t_mel
+
+
+def _codes(tr, cfg: dict) -> int:
+    """Codes: at most MAX_CODES, cut at the first stop; the logits of every step recorded."""
+    raw, codes = tr["codes.raw"], tr["codes.codes"]
+    stop = cfg["stop_mel_token"]
+    n = codes.shape[1]
+    assert 0 < n <= raw.shape[1] <= MAX_CODES
+    assert torch.equal(raw[:, :n], codes) and stop not in codes.tolist()[0]
+    assert raw.shape[1] == n or raw[0, n] == stop
+    _shape(tr, "codes.logits", 1, raw.shape[1], cfg["number_mel_codes"])
+    return n
+
+
+def _assert_greedy(tr, cfg: dict, penalty: float = 10.0) -> None:
+    """Upstream's greedy: each code is the argmax of the step's logits after the
+    repetition penalty (positive logits / 10, negative * 10) on every id in the sequence
+    so far, the fake prompt ids (1) and the start code included."""
+    seen = {1, cfg["start_mel_token"]}
+    for i, code in enumerate(tr["codes.raw"][0].tolist()):
+        lg = tr["codes.logits"][0, i].clone()
+        idx = torch.tensor(sorted(seen))
+        lg[idx] = torch.where(lg[idx] < 0, lg[idx] * penalty, lg[idx] / penalty)
+        assert code == int(lg.argmax()), f"step {i}: code {code}, penalised argmax {int(lg.argmax())}"
+        seen.add(code)
+
+
+def _diffusion_and_waveform(tr, t_mel: int, t_target: int, pcm: bool) -> None:
+    t = t_mel + t_target
+    assert tr["mel.x_lens"].tolist() == [t]
+    for k in ("mel.cat_condition",):
+        _shape(tr, k, 1, t, 16)
+    for k in ("mel.noise", "mel.mel"):
+        _shape(tr, k, 1, chain.N_MELS, t)
+    assert torch.equal(tr["mel.cat_condition"][:, :t_mel], tr["prompt_condition.prompt_condition"])
+    assert torch.equal(tr["mel.cat_condition"][:, t_mel:], tr["target_condition.cond"])
+    assert torch.equal(tr["mel.target"], tr["mel.mel"][:, :, t_mel:])
+    n = t_target * chain.HOP
+    _shape(tr, "waveform.bigvgan", 1, 1, n)
+    _shape(tr, "waveform.wav", 1, n)
+    raw = tr["waveform.bigvgan"].reshape(1, n)
+    want = (32767 * raw).clamp(-32767, 32767) if pcm else raw.clamp(-1, 1)
+    assert torch.equal(tr["waveform.wav"], want)
+    assert (raw.abs() < 0.999).float().mean() > 0.99  # the fixture's vocoder stays inside the clamp
+
+
+def _emotion_mix(release: str, tr, weights: list[float], cfg_emo_num) -> torch.Tensor:
+    """emovec_mat + (1 - sum(w)) * emovec, from upstream's matrices and the recorded rows."""
+    emo = torch.split(torch.load(os.path.join(release, "feat2.pt")), list(cfg_emo_num))
+    w = torch.tensor(weights)
+    rows = torch.stack([g[i] for g, i in zip(emo, tr["emotion_vector.index"].tolist())])
+    return (w.unsqueeze(1) * rows).sum(0, keepdim=True) + (1 - w.sum()) * tr["emotion_vector.merge_emovec"]
+
+
+def _compare(up: dict, ref: dict, keys) -> dict[str, float]:
+    """Every key both traces have: integers equal, floats within RTOL of upstream's scale.
+    A reference tensor without upstream's leading batch dimension is compared as its
+    reshape (named in the failure message otherwise)."""
+    rel, bad = {}, []
+    for k in keys:
+        if k not in ref or k not in up:
+            continue
+        a, b = up[k], ref[k].to(up[k].device)
+        if a.shape != b.shape:
+            if a.squeeze(0).shape != b.squeeze(0).shape:
+                bad.append(f"{k}: shape {tuple(b.shape)}, upstream {tuple(a.shape)}")
+                continue
+            b = b.reshape(a.shape)
+        if not a.is_floating_point():
+            if not torch.equal(a.long(), b.long()):
+                bad.append(f"{k}: {b.tolist()} != upstream {a.tolist()}")
+            continue
+        d, s = (a.double() - b.double()).abs().max().item(), a.double().abs().max().item()
+        rel[k] = d / s if s else d
+        if d > RTOL * s:
+            bad.append(f"{k}: max |diff| {d:.3g} > {RTOL} * max |upstream| {s:.3g}")
+    assert not bad, "reference differs from upstream:\n" + "\n".join(bad)
+    return rel
+
+
+def _reference():
+    try:
+        from reference import pipeline
+    except ImportError:
+        return None
+    return pipeline
+
+
+def _synthesize(pipeline, bundle: str, text: str, prompt: str, **kw):
+    """The reference's trace, or None where it refuses this release version (a 2.5
+    synthesis needs a ``lang`` argument)."""
+    import inspect
+
+    if "lang" in kw and "lang" not in inspect.signature(pipeline.synthesize).parameters:
+        return None
+    try:
+        return pipeline.synthesize(bundle, text, prompt, max_codes=MAX_CODES, greedy=True, seed=0,
+                                   normalize_emotion=False, **kw).trace
+    except pipeline.PipelineError as e:
+        if "bundles only" in str(e):
+            return None
+        raise
+
+
+# ------------------------------------------------------------------ the two releases
+
+
+def test_end_to_end_2_0(chain_2_0, record_property):
+    """IndexTTS-2.0: infer_v2's own inference on the chained release, every intermediate
+    recorded and consistent, greedy = the argmax of the penalised logits; the emotion-
+    vector path; and the reference pipeline on the converted bundle equal to it."""
+    c = chain_2_0
+    cfg = chain.config_2_0()
+    t0 = time.perf_counter()
+    tts = e2e.load_2_0(c.release)
+    t1 = time.perf_counter()
+    tr = e2e.run_upstream_2_0(c.release, c.prompt, TEXT_2_0, max_codes=MAX_CODES, tts=tts)
+    t2 = time.perf_counter()
+    assert set(tr) == set(e2e.KEYS_2_0)
+
+    t_feat, t_mel = _front_end_shapes(tr, 160)
+    _shape(tr, "semantic_codes.codes", 1, t_feat)
+    _shape(tr, "semantic_codes.S_ref", 1, t_feat, chain.W2V_HIDDEN)
+    assert int(tr["semantic_codes.codes"].max()) < chain.CODEC_2_0["codebook_size"]
+    for k in ("emotion_vector.merge_emovec", "emotion_vector.emovec"):
+        _shape(tr, k, 1, chain.GPT_DIM_2_0)
+    assert torch.equal(tr["emotion_vector.emovec"], tr["emotion_vector.merge_emovec"])  # no emotion vector given
+    _shape(tr, "speech_conditioning.conditioning", 1, 32, chain.GPT_DIM_2_0)
+    ids = tr["text.ids"]
+    assert ids.shape[0] == 1 and 0 < ids.shape[1] <= cfg["gpt"]["max_text_tokens"]
+    assert 1 not in ids.tolist()[0] and 0 not in ids.tolist()[0]  # upper-cased text: no <unk>
+
+    n = _codes(tr, cfg["gpt"])
+    assert MAX_CODES // 2 <= n < MAX_CODES  # the fixture's GPT ends at its stop code (chain.STOP_LOGIT_SHIFT), inside the cap
+    _assert_greedy(tr, cfg["gpt"])
+    _shape(tr, "latents.latent", 1, n, chain.GPT_DIM_2_0)
+    for k in ("latent_projection.latent", "code_embeddings.vq2emb", "code_embeddings.S_infer"):
+        _shape(tr, k, 1, n, chain.W2V_HIDDEN)
+    torch.testing.assert_close(tr["code_embeddings.S_infer"],
+                               tr["code_embeddings.vq2emb"] + tr["latent_projection.latent"], rtol=0, atol=0)
+    t_target = int(n * 1.72)
+    assert tr["target_condition.ylens"].tolist() == [t_target]
+    _shape(tr, "target_condition.cond", 1, t_target, 16)
+    _diffusion_and_waveform(tr, t_mel, t_target, pcm=False)
+
+    # an explicit emotion vector, alpha 0.6: upstream's conditioning caches reused
+    t3 = time.perf_counter()
+    tv = e2e.run_upstream_2_0(c.release, c.prompt, TEXT_2_0, emo_vector=EMO_VECTOR, emo_alpha=EMO_ALPHA,
+                              max_codes=MAX_CODES, tts=tts, fresh=False)
+    t4 = time.perf_counter()
+    assert "semantic_features.feature" not in tv and set(e2e.EMO_VECTOR_KEYS) <= set(tv)
+    scaled = [int(x * EMO_ALPHA * 10000) / 10000 for x in EMO_VECTOR]  # infer_generator's alpha scaling
+    torch.testing.assert_close(tv["emotion_vector.emovec"], _emotion_mix(c.release, tv, scaled, cfg["emo_num"]),
+                               rtol=1e-5, atol=1e-6)
+    assert torch.equal(tv["emotion_vector.merge_emovec"], tr["emotion_vector.merge_emovec"])
+    assert not torch.allclose(tv["emotion_vector.emovec"], tr["emotion_vector.emovec"])
+
+    seconds = {**c.seconds, "load": t1 - t0, "run": t2 - t1, "run_emotion_vector": t4 - t3}
+    pipeline = _reference()
+    if pipeline is not None:
+        t5 = time.perf_counter()
+        ref = _synthesize(pipeline, c.bundle, TEXT_2_0, c.prompt)
+        t6 = time.perf_counter()
+        assert ref is not None
+        assert set(ref) <= set(tr), f"reference keys upstream does not record: {sorted(set(ref) - set(tr))}"
+        _compare(tr, ref, e2e.KEYS_2_0)
+        ref_v = _synthesize(pipeline, c.bundle, TEXT_2_0, c.prompt, emotion_vector=EMO_VECTOR, emotion_alpha=EMO_ALPHA)
+        _compare(tv, ref_v, e2e.KEYS_2_0)
+        seconds["reference"] = t6 - t5
+    record_property("seconds", {k: round(v, 2) for k, v in seconds.items()})
+
+
+def test_end_to_end_2_5(chain_2_5, record_property):
+    """IndexTTS-2.5: infer_v2_5's own inference on the chained release (text
+    normalisation off), every intermediate recorded and consistent; the reference
+    pipeline's trace equal to it once the reference runs 2.5 bundles."""
+    c = chain_2_5
+    iv = e2e.infer_v2_5()
+    with open(os.path.join(c.release, "config.yaml")) as f:
+        import yaml
+
+        cfg = yaml.safe_load(f)
+    t0 = time.perf_counter()
+    tts = e2e.load_2_5(c.release)
+    t1 = time.perf_counter()
+    tr = e2e.run_upstream_2_5(c.release, c.prompt, TEXT_2_5, lang="en", max_codes=MAX_CODES, tts=tts)
+    t2 = time.perf_counter()
+    assert set(tr) == set(e2e.KEYS_2_5)
+
+    t_feat, t_mel = _front_end_shapes(tr, 160)
+    d = cfg["gpt"]["model_dim"]
+    for k in ("emotion_vector.merge_emovec", "emotion_vector.emovec"):
+        _shape(tr, k, 1, d)
+    _shape(tr, "speech_conditioning.conditioning", 1, 1, d)
+    ids = tr["text.ids"][0].tolist()
+    lang_token = iv.get_encoding("multilingual_zh_ja_yue_char_del", model_dir=c.release).encode(
+        "<|en|>", allowed_special="all")
+    assert ids[:1] == lang_token and len(ids) > 1  # '<|en|> ' + the lower-cased text
+    assert tr["text.lang"].tolist() == [iv.LANGUAGE_DICT["en"]]
+
+    n = _codes(tr, cfg["gpt"])
+    _assert_greedy(tr, cfg["gpt"])
+    _shape(tr, "code_features.S_infer", 1, 2 * n, chain.W2V_HIDDEN)
+    t_target = int(2 * n * 1.72)
+    assert tr["target_condition.ylens"].tolist() == [t_target]
+    _shape(tr, "target_condition.cond", 1, t_target, 16)
+    _diffusion_and_waveform(tr, t_mel, t_target, pcm=True)
+
+    seconds = {**c.seconds, "load": t1 - t0, "run": t2 - t1}
+    pipeline = _reference()
+    ref = _synthesize(pipeline, c.bundle, TEXT_2_5, c.prompt, lang="en") if pipeline is not None else None
+    if ref is not None:
+        ref = dict(ref)
+        if "waveform.wav" in ref and ref["waveform.wav"].abs().max() <= 1:  # a [-1, 1] waveform: upstream's PCM scale
+            ref["waveform.wav"] = (32767 * ref["waveform.wav"]).clamp(-32767, 32767)
+        assert set(ref) <= set(tr), f"reference keys upstream does not record: {sorted(set(ref) - set(tr))}"
+        _compare(tr, ref, e2e.KEYS_2_5)
+    record_property("seconds", {k: round(v, 2) for k, v in seconds.items()})
+
+
+# ------------------------------------------------------------------ 2.5's own front ends
+
+
+def test_2_5_front_ends_equal_torchaudio():
+    """indextts25.utils.common ``resample`` and ``kaldi_fbank`` (2.5 dropped torchaudio)
+    against torchaudio 2.11.1's ``transforms.Resample`` and ``compliance.kaldi.fbank`` as
+    infer_v2 calls them, on the speech-like prompt: bit-identical.  (They differ from
+    ``torchaudio.functional.resample``, whose kernel is built in the input's dtype, by
+    ~1e-5; and on input shorter than one 25 ms frame, which both refuse, with different
+    errors.)"""
+    from converters.forward import indextts25
+
+    common = indextts25("utils.common")
+    side = e2e.side_torchaudio()
+    x = torch.tensor(chain.prompt_samples(PROMPT_S, seed=0), dtype=torch.float32).unsqueeze(0)
+    for orig, new in ((22050, 16000), (44100, 16000), (24000, 22050), (16000, 22050), (22050, 22050)):
+        ta = side["transforms._transforms"].Resample(orig, new)(x)
+        assert torch.equal(common.resample(x, orig, new), ta), (orig, new)
+    x16 = common.resample(x, 22050, 16000)
+    functional = side["functional.functional"].resample(x, 22050, 16000)
+    assert functional.shape == x16.shape and 0 < (functional - x16).abs().max() < 1e-4
+    for bins in (80, 23):
+        ta = side["compliance.kaldi"].fbank(x16, num_mel_bins=bins, dither=0, sample_frequency=16000)
+        assert torch.equal(common.kaldi_fbank(x16, num_mel_bins=bins, sample_frequency=16000), ta)
+    with pytest.raises(AssertionError):
+        side["compliance.kaldi"].fbank(x16[:, :300], num_mel_bins=80, dither=0, sample_frequency=16000)
+    with pytest.raises(RuntimeError):
+        common.kaldi_fbank(x16[:, :300], num_mel_bins=80, sample_frequency=16000)
