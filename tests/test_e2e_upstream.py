@@ -268,7 +268,34 @@ def test_end_to_end_2_0(chain_2_0, record_property):
         ref_v = _synthesize(pipeline, c.bundle, TEXT_2_0, c.prompt, emotion_vector=EMO_VECTOR, emotion_alpha=EMO_ALPHA)
         _compare(tv, ref_v, e2e.KEYS_2_0)
         seconds["reference"] = t6 - t5
-    record_property("seconds", {k: round(v, 2) for k, v in seconds.items()})
+        _sensitivity(pipeline, c.bundle, c.prompt, tr)
+
+
+# Glue constants that ports get wrong: each changed in the reference's copy of the
+# bundle makes the comparison with upstream fail (so the comparison can see them).
+WRONG_GLUE = {
+    "frames per code 1.72 -> 1.6": lambda b: b.pipeline["inference"].__setitem__("mel_frames_per_code", 1.6),
+    "CFG rate 0.7 -> 0.5": lambda b: b.pipeline["inference"].__setitem__("inference_cfg_rate", 0.5),
+    "mel hop 256 -> 240": lambda b: b.pipeline["front_ends"]["s2mel_mel"].__setitem__("hop_length", 240),
+    "hidden state 17 -> 16": lambda b: b.files["w2v-bert"].config.__setitem__("indextts2_hidden_state_index", 16),
+}
+
+
+def _sensitivity(pipeline, bundle: str, prompt: str, tr: dict) -> None:
+    unseen = []
+    for what, spoil in WRONG_GLUE.items():
+        b = pipeline.open_bundle(bundle)
+        spoil(b)
+        try:
+            ref = _synthesize(pipeline, b, TEXT_2_0, prompt)
+        except (RuntimeError, ValueError):  # a wrong constant may also break a shape downstream: caught too
+            continue
+        try:
+            _compare(tr, ref, e2e.KEYS_2_0)
+            unseen.append(what)
+        except AssertionError as e:
+            assert "reference differs from upstream" in str(e)
+    assert not unseen, f"the comparison does not see: {unseen}"
 
 
 def test_end_to_end_2_5(chain_2_5, record_property):
