@@ -40,7 +40,7 @@ golden: $(VENV)/.runtime
 # Two pytest workers (pytest-xdist): the suite is CPU-bound and the build machines have 2 cores.
 TEST_WORKERS ?= 2
 test: $(VENV)/.dev
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 # Full-size synthetic inputs (~7 GB, generated once into BENCH_CACHE) and the
 # measurements of issue 8; results in bench-results/.  Not a test: CI does not run it.

@@ -206,6 +206,7 @@ def _synthesize(pipeline, bundle: str, text: str, prompt: str, **kw):
 # ------------------------------------------------------------------ the two releases
 
 
+@pytest.mark.xdist_group("chain-2.0")
 def test_end_to_end_2_0(chain_2_0, record_property):
     """IndexTTS-2.0: infer_v2's own inference on the chained release, every intermediate
     recorded and consistent, greedy = the argmax of the penalised logits; the emotion-
@@ -374,3 +375,83 @@ def test_2_5_front_ends_equal_torchaudio():
         side["compliance.kaldi"].fbank(x16[:, :300], num_mel_bins=80, dither=0, sample_frequency=16000)
     with pytest.raises(RuntimeError):
         common.kaldi_fbank(x16[:, :300], num_mel_bins=80, sample_frequency=16000)
+
+
+# ------------------------------------------------------------------ python -m reference synthesize
+
+
+def _cli(*args) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from reference.__main__ import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main([str(a) for a in args])
+    return rc, err.getvalue()
+
+
+@pytest.mark.xdist_group("chain-2.0")
+def test_synthesize_cli_is_deterministic(chain_2_0, tmp_path):
+    """The same inputs and seed give byte-identical WAV and trace files; the trace holds
+    the steps in order, the options and the sha256 of every bundle file used."""
+    import json
+    import wave
+
+    from safetensors import safe_open
+
+    c = chain_2_0
+    outs = []
+    for i in range(2):
+        wav, trace = tmp_path / f"a{i}.wav", tmp_path / f"t{i}.safetensors"
+        rc, err = _cli("synthesize", c.bundle, "--text", TEXT_2_0, "--prompt", c.prompt, "--out", wav,
+                       "--max-codes", 4, "--seed", 3, "--trace", trace)
+        assert rc == 0, err
+        outs.append((wav.read_bytes(), trace.read_bytes()))
+    assert outs[0] == outs[1]
+    with wave.open(str(tmp_path / "a0.wav")) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 22050) and w.getnframes() > 0
+    with safe_open(str(tmp_path / "t0.safetensors"), "pt") as f:
+        meta = f.metadata()
+        steps = json.loads(meta["steps"])
+        assert sorted(f.keys()) == sorted(steps) and steps[-1] == "waveform.wav"
+        manifest = json.load(open(os.path.join(c.bundle, "manifest.json")))
+        for name, sha in json.loads(meta["files_sha256"]).items():
+            rec = manifest["files"].get(name) or manifest["bundle"]["tokenizer"]["files"][name]
+            assert rec["sha256"] == sha
+        assert json.loads(meta["options"])["seed"] == 3 and json.loads(meta["options"])["greedy"] is False
+
+
+@pytest.mark.xdist_group("chain-2.0")
+def test_synthesize_cli_refuses_bad_input_in_one_line(chain_2_0, tmp_path):
+    """One ``error:`` line, exit status 1, and no output file, for each kind of bad input."""
+    import shutil
+    import wave
+
+    c = chain_2_0
+    empty = tmp_path / "empty.wav"
+    with wave.open(str(empty), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(22050)
+    short = chain.write_prompt_wav(tmp_path / "short.wav", 0.2, seed=1)
+    (tmp_path / "noise.wav").write_bytes(b"not a wav file at all")
+    partial = tmp_path / "partial"
+    shutil.copytree(c.bundle, partial)
+    os.unlink(partial / "s2mel.safetensors")
+    cases = {
+        "empty text": ((c.bundle, "--text", "  ", "--prompt", c.prompt), "text is empty"),
+        "unreadable WAV": ((c.bundle, "--text", TEXT_2_0, "--prompt", tmp_path / "noise.wav"), "speaker prompt"),
+        "empty WAV": ((c.bundle, "--text", TEXT_2_0, "--prompt", empty), "speaker prompt"),
+        "missing WAV": ((c.bundle, "--text", TEXT_2_0, "--prompt", tmp_path / "nope.wav"), "nope.wav"),
+        "short prompt": ((c.bundle, "--text", TEXT_2_0, "--prompt", short), "at least"),
+        "short emotion prompt": ((c.bundle, "--text", TEXT_2_0, "--prompt", c.prompt, "--emotion-prompt", short), "emotion prompt"),
+        "bad emotion vector": ((c.bundle, "--text", TEXT_2_0, "--prompt", c.prompt, "--emotion-vector", "0.1,0.2"), "8 emotions"),
+        "a missing file": ((partial, "--text", TEXT_2_0, "--prompt", c.prompt), "s2mel.safetensors"),
+        "not a bundle": ((tmp_path, "--text", TEXT_2_0, "--prompt", c.prompt), "manifest.json"),
+    }
+    for what, (args, needle) in cases.items():
+        out = tmp_path / f"{what}.wav"
+        rc, err = _cli("synthesize", *args, "--out", out, "--max-codes", 2)
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (what, err)
+        assert not out.exists() and not list(tmp_path.glob(".partial-*")), what
