@@ -12,7 +12,8 @@
 Each file is hard-linked into OUT where the filesystem allows it (same bytes, no space),
 else copied atomically.  The manifest records per role the source, and per file its
 size and sha256 (``check --hash`` re-hashes them).  A release without one of them is
-converted as before, and the manifest's ``absent`` says what is missing and why.
+converted as before, and the manifest's ``absent`` says what is missing and why.  A FIFO,
+a device or a socket among them is refused as not a regular file, never opened.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import shutil
 from dataclasses import dataclass
 
 from .errors import ConvertError
+from .registry import file_kind, not_regular, regular_file
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def find(release_dir: str, doc: dict, version: str = "2.0") -> tuple[dict[str, t
     for c in copied(version):
         rel = c.fixed or named(doc, c.config_key)
         key = ".".join(c.config_key) if not c.fixed else "upstream's get_tokenizer"
-        if c.fixed and not os.path.isfile(os.path.join(release_dir, rel)):
+        if c.fixed and not regular_file(os.path.join(release_dir, rel)):
             absent[c.role] = f"{rel} (the name {key} reads) is not in the release folder"
             continue
         if rel is None:
@@ -75,15 +77,21 @@ def find(release_dir: str, doc: dict, version: str = "2.0") -> tuple[dict[str, t
             absent[c.role] = f"config.yaml {key} is {rel!r}, not a path inside the release folder"
             continue
         src = os.path.join(release_dir, rel)
-        if os.path.isfile(src):
+        kind = file_kind(src)
+        if kind == "file":
             found[c.role] = (rel, [rel])
-        elif os.path.isdir(src):
+        elif kind == "folder":
             files = sorted(os.path.relpath(os.path.join(d, f), release_dir)
                            for d, _, fs in os.walk(src) for f in fs if not f.startswith("."))
+            for f in files:
+                if file_kind(os.path.join(release_dir, f)) not in ("file", None):
+                    raise not_regular(os.path.join(release_dir, f), expected=f"a file of the {c.role}")
             if not files:
                 absent[c.role] = f"{rel}/ (config.yaml {key}) is an empty folder"
                 continue
             found[c.role] = (rel, files)
+        elif kind is not None:
+            raise not_regular(src, expected=f"the {c.role}")
         else:
             absent[c.role] = f"{rel} (config.yaml {key}) is not in the release folder"
     return found, absent

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from .errors import ConvertError
+from .registry import regular_file
 
 
 def load_yaml_section(path: str, section: str) -> dict:
@@ -13,6 +14,7 @@ def load_yaml_section(path: str, section: str) -> dict:
     import yaml
 
     try:
+        regular_file(path)  # a FIFO or a device is refused, never opened
         with open(path) as f:
             doc = yaml.safe_load(f)
     except OSError as e:
@@ -26,6 +28,7 @@ def load_yaml_section(path: str, section: str) -> dict:
 
 def load_json(path: str) -> dict:
     try:
+        regular_file(path)  # a FIFO or a device is refused, never opened
         with open(path) as f:
             cfg = json.load(f)
     except OSError as e:

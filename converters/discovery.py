@@ -9,6 +9,9 @@ cache, for ``convert.py all`` (:mod:`release`).
   the command that fetches it.
 - The vocoder is the one ``config.yaml`` names (``vocoder.name``), and a BigVGAN whose
   config disagrees with that name or with the s2mel mel settings is refused.
+- A FIFO, a device or a socket where a source or ``config.yaml`` should be (or a folder
+  where a file should be) is refused as not a regular file, naming the path, and never
+  opened (:func:`registry.file_kind`): it is not reported missing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 
 from . import family, schema
 from .errors import ConvertError
-from .registry import EXTRA_FILES, SOURCE_FILES, locate
+from .registry import EXTRA_FILES, SOURCE_FILES, file_kind, locate, not_regular, regular_file
 
 RELEASE_REPO = "IndexTeam/IndexTTS-2"
 RELEASE_REPOS = {"2.0": RELEASE_REPO, "2.5": "IndexTeam/IndexTTS-2.5"}
@@ -156,14 +159,17 @@ def find_source(item: Item, release_dir: str, flags: dict[str, str | None], voco
     named = (doc or {}).get(item.config_key) if item.config_key else None
     if isinstance(named, str) and named.strip():
         p = os.path.join(release_dir, named.strip())  # upstream: os.path.join(model_dir, cfg.gpt_checkpoint)
-        if os.path.isfile(p):
+        if regular_file(p):
             return p, f"config.yaml {item.config_key}"
         note = f"; config.yaml {item.config_key} names {named.strip()}, which does not exist, so the release's own {item.release} is used"
     candidates = [os.path.join(release_dir, c) for c in item.candidates]
     if item.kind == "bigvgan" and vocoder and not os.path.isabs(vocoder) and version == "2.0":
         candidates.insert(0, os.path.join(release_dir, vocoder))  # a vocoder named by a folder in the release
     for p in candidates:
-        if os.path.isdir(p) or os.path.isfile(p):
+        kind = file_kind(p)
+        if kind not in (None, "file", "folder") or (kind == "folder" and os.path.basename(p) in SOURCE_FILES[item.kind]):
+            raise not_regular(p, expected=f"the {item.kind} checkpoint" + ("" if kind == "folder" else " or its folder"))
+        if kind is not None:
             if _has_checkpoint(item, p):
                 return p, "in the release folder" + note
             looked.append(f"{p} (no {' or '.join(SOURCE_FILES[item.kind])} in it)")
@@ -174,6 +180,8 @@ def find_source(item: Item, release_dir: str, flags: dict[str, str | None], voco
         snap = hf_snapshot(cache, hf[0])
         if snap is not None:
             q = os.path.join(snap, hf[1]) if hf[1] else snap
+            if file_kind(q) not in (None, "file", "folder"):
+                raise not_regular(q, expected=f"the {item.kind} checkpoint or its folder")
             if os.path.exists(q) and _has_checkpoint(item, q):
                 return q, f"in the Hugging Face cache ({hf[0]})"
             looked.append(f"{q} (a partial snapshot: no {' or '.join(SOURCE_FILES[item.kind])})" if os.path.exists(q) else q)
@@ -185,16 +193,17 @@ def find_source(item: Item, release_dir: str, flags: dict[str, str | None], voco
 
 
 def _has_checkpoint(item: Item, path: str) -> bool:
-    if os.path.isfile(path):
+    """A checkpoint file, or a folder with one (a special file there is refused)."""
+    if file_kind(path) == "file":
         return True
-    return any(os.path.isfile(os.path.join(path, n)) for n in SOURCE_FILES[item.kind])
+    return any(regular_file(os.path.join(path, n)) for n in SOURCE_FILES[item.kind])
 
 
 def read_release_config(release_dir: str, version: str = family.DEFAULT) -> tuple[str, dict]:
     import yaml
 
     path = os.path.join(release_dir, RELEASE_CONFIG)
-    if not os.path.isfile(path):
+    if not regular_file(path):
         raise Missing(f"{RELEASE_CONFIG}: not in {release_dir}; fetch it with "
                       f"`{fetch_command(RELEASE_REPOS[version], (RELEASE_CONFIG,), release_dir)}`")
     try:
@@ -288,7 +297,7 @@ def discover(release_dir: str, flags: dict[str, str | None], version: str = fami
     for item in ITEMS_BY_VERSION[version]:
         for opt, (_, name) in EXTRA_FILES.get(item.kind, {}).items():
             p = os.path.join(release_dir, name)
-            if not os.path.isfile(p):
+            if not regular_file(p):
                 missing.append(f"{item.kind} {opt}: {p} is missing; fetch it with "
                                f"`{fetch_command(RELEASE_REPOS[version], (name,), release_dir)}`")
     if missing:

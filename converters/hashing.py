@@ -15,9 +15,11 @@ code (imports, planning) that slowed the hash down (in a gpt conversion it finis
 from __future__ import annotations
 
 import atexit
+import errno
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -96,6 +98,8 @@ class _Child:
 
 def _key(path: str) -> tuple:
     st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the hashing child for ever
+        raise OSError(errno.EINVAL, "not a regular file; not hashed", path)
     return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
 
 

@@ -9,6 +9,9 @@
   and config are found (torch-free, so the CLI can start hashing the source before
   it imports torch)
 - :func:`converter_fingerprint`: what shapes a model's output, hashed (``all``'s up-to-date test)
+- :func:`file_kind` and :func:`not_regular`: what a path is (``os.stat``, never an
+  open), so that a FIFO, a device or a socket where a checkpoint or config should be is
+  refused as not a regular file, never opened (a FIFO would hang the tool)
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ast
 import hashlib
 import json
 import os
+import stat
 from functools import lru_cache
 
 from .errors import ConvertError
@@ -95,25 +99,69 @@ CONFIG_FILES: dict[str, tuple[str, bool]] = {
 }
 
 
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+            (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(path: str) -> str | None:
+    """"file", "folder", None where nothing is (a broken link included), else what the
+    path is ("a FIFO", "a character device", ...), from ``os.stat`` (links followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return next((what for test, what in _SPECIAL if test(mode)), "a special file")
+
+
+def not_regular(path: str, mode: int | None = None, expected: str = "a file") -> ConvertError:
+    """The refusal of a path that is not a regular file (it is never opened)."""
+    if mode is None:
+        what = file_kind(path)
+    else:
+        what = "folder" if stat.S_ISDIR(mode) else next((w for test, w in _SPECIAL if test(mode)), "a special file")
+    if what == "folder":
+        return ConvertError(f"{path}: is a folder, expected {expected}")
+    return ConvertError(f"{path}: not a regular file ({what}), expected {expected}; refused without opening it")
+
+
+def regular_file(path: str) -> bool:
+    """True for a regular file, False where nothing is; a ConvertError for anything
+    else (a FIFO, a device, a socket, a folder), which is never opened."""
+    kind = file_kind(path)
+    if kind is None:
+        return False
+    if kind != "file":
+        raise not_regular(path)
+    return True
+
+
 def locate(kind: str, src: str, config: str | None, need_config: bool = True) -> tuple[str, str | None]:
-    """The source file and config for a per-model SRC that may be a file or a folder."""
-    if os.path.isdir(src):
+    """The source file and config for a per-model SRC that may be a file or a folder.
+    A checkpoint or config that is there but is not a regular file is refused."""
+    what = file_kind(src)
+    if what == "folder":
         for name in SOURCE_FILES[kind]:
             p = os.path.join(src, name)
-            if os.path.isfile(p):
+            if regular_file(p):
                 src_file = p
                 break
         else:
             raise ConvertError(f"{src}: no {kind} checkpoint in this folder (looked for {', '.join(SOURCE_FILES[kind])})")
-    elif os.path.exists(src):
+    elif what == "file":
         src_file = src
+    elif what is not None:
+        raise not_regular(src)
     else:
         raise ConvertError(f"{src}: no such file or folder")
     name, optional = CONFIG_FILES[kind]
     cfg = config or os.path.join(os.path.dirname(os.path.abspath(src_file)), name)
-    if not config and optional and not os.path.isfile(cfg):
+    if not config and optional and not regular_file(cfg):
         return src_file, None  # no config file: the module's load_config(None) gives upstream's fixed values
-    if need_config and not os.path.isfile(cfg):
+    if need_config and not regular_file(cfg):
         raise ConvertError(f"{cfg}: config not found (the {kind} converter reads {name} beside the source; pass --config)")
     return src_file, cfg
 

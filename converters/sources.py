@@ -11,7 +11,8 @@ Supported inputs (told apart by :func:`sniff` from the first bytes):
   state dicts only); a pickle that needs more is loaded with
   ``torch.load(weights_only=True, mmap=True)``, which accepts or refuses it as it always
   did, and the source's notes say so
-- legacy (pre-1.6, non-zip) ``.pth`` files, via ``torch.load(weights_only=True)``
+- legacy (pre-1.6, non-zip) ``.pth`` files, via ``torch.load(weights_only=True)``, after
+  their pickles pass the same scan (:func:`pth_reader.check_legacy`)
 
 Both ``.pth`` kinds become a :class:`MappingSource` over the unwrapped tensors.
 
@@ -21,7 +22,16 @@ safetensors names (see :mod:`arrays`), whichever reader read them.
 Known wrapper dicts (``generator``, ``model``, ``state_dict``, ``net``) are unwrapped,
 nested dicts of state dicts (``net = {"cfm": sd, ...}``) are flattened with ``.``, and
 DDP ``module.`` prefixes are stripped.  Whatever sits beside a wrapper (optimizer state,
-counters) is recorded in ``dropped`` with the reason and never read.
+counters) is recorded in ``dropped`` with the reason and never read.  Both walks are
+loops, not recursion: a dict met twice (a wrapper that contains itself, two dicts that
+contain each other, one dict under two names) is refused, and so is nesting deeper than
+:data:`MAX_DEPTH` (32) dicts from the top of the checkpoint down to a tensor, wrappers
+included.  Dicts are read only through ``dict``'s own methods (``dict.items(d)``), never
+through a method looked up on the object, which a pickle's ``BUILD`` can hide (an
+``OrderedDict`` whose instance attribute ``items`` is 1).
+
+A path that is not a regular file (a FIFO, a device, a socket, a folder) is refused
+before it is opened, so a FIFO cannot hang the tool.
 
 A file holding one bare tensor (``torch.save(tensor)``, as IndexTTS-2's ``feat1.pt`` and
 ``feat2.pt``) becomes a one-entry view named :data:`BARE_TENSOR_NAME`.
@@ -33,13 +43,15 @@ Every source is a context manager, and ``close`` may be called any number of tim
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import arrays, pth_reader
 from .errors import ConvertError
-from .pth_reader import Stored
+from .pth_reader import MAX_DEPTH, Stored, describe
+from .registry import not_regular
 from .schema import SCHEMA_NAME
 from .st_header import Header, read_header
 from .st_read import read_array
@@ -148,12 +160,19 @@ class SafetensorsSource(Source):
 
 
 def sniff(path: str) -> str:
-    """Tell the container format from the first bytes, or refuse with a reason."""
-    if os.path.isdir(path):
-        raise ConvertError(f"{path}: is a folder, expected a checkpoint file")
+    """Tell the container format from the first bytes, or refuse with a reason.  The
+    path is stat'ed before it is opened, and opened without blocking: a FIFO, a device
+    or a socket is refused as not a regular file, never read."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise not_regular(path, st.st_mode, "a checkpoint file")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())  # the file opened, should the path have changed meanwhile
+            if not stat.S_ISREG(st.st_mode):
+                raise not_regular(path, st.st_mode, "a checkpoint file")
+            size = st.st_size
             head = f.read(512)
     except FileNotFoundError:
         raise ConvertError(f"{path}: no such file") from None
@@ -212,12 +231,15 @@ FORCE_TORCH_READER = False
 
 
 def _open_pth(path: str, fmt: str) -> MappingSource:
-    mmap = pth_reader.check_zip(path) if fmt == "pth-zip" else False
+    archive = pth_reader.open_archive(path) if fmt == "pth-zip" else None
+    mmap = pth_reader.check_zip(path, archive) if fmt == "pth-zip" else False
+    if fmt == "pth-legacy":
+        pth_reader.check_legacy(path)  # its pickles are scanned before torch runs them
     src = MappingSource(path, fmt, {}, {}, populate=mmap)
     obj = None
     if fmt == "pth-zip" and not FORCE_TORCH_READER:
         try:
-            obj = pth_reader.load_arrays(path, mapped=mmap)
+            obj = pth_reader.load_arrays(path, mapped=mmap, archive=archive)
         except pth_reader.NeedsTorch as e:
             src.notes.append(f"read with torch.load(weights_only=True): its pickle uses {e}, which the torch-free "
                              "reader does not build")
@@ -238,7 +260,11 @@ class _Unsupported(Stored):
 
 
 def _torch_leaves(obj):
-    """What torch.load returned, with each tensor as a :class:`Stored` (zero-copy)."""
+    """What torch.load returned, with each tensor as a :class:`Stored` (zero-copy):
+    dicts are copied (as plain dicts) with their tensors converted, everything else is
+    kept.  A loop with a memo: a dict met twice becomes one copy met twice, so shared
+    and cyclic dicts stay as they were (and :func:`unwrap` judges them, as it judges the
+    torch-free reader's)."""
     import torch
 
     def leaf(t):
@@ -247,28 +273,46 @@ def _torch_leaves(obj):
             return _Unsupported(None, dt, tuple(t.shape))
         return Stored(arrays.from_torch(t), dt)
 
-    def walk(o):
+    def convert(o, todo: list, copies: dict):
         if isinstance(o, torch.Tensor):
             return leaf(o)
-        if isinstance(o, dict):
-            return {k: walk(v) for k, v in o.items()}
-        return o
+        if not isinstance(o, dict):
+            return o
+        if id(o) not in copies:
+            copies[id(o)] = {}
+            todo.append(o)
+        return copies[id(o)]
 
-    return walk(obj)
+    todo: list = []
+    copies: dict[int, dict] = {}
+    top = convert(obj, todo, copies)
+    while todo:
+        d = todo.pop()
+        copy = copies[id(d)]
+        for k, v in dict.items(d):
+            copy[k] = convert(v, todo, copies)
+    return top
 
 
 def _strip_module(name: str) -> str:
-    while name.startswith("module."):
-        name = name[len("module."):]
-    return name
+    i = 0
+    while name.startswith("module.", i):
+        i += len("module.")
+    return name[i:]
 
 
 def _is_tensor_dict(d: dict) -> bool:
-    return bool(d) and all(isinstance(v, Stored) for v in d.values())
+    return bool(dict.__len__(d)) and all(isinstance(v, Stored) for v in dict.values(d))
+
+
+def _keys(d: dict) -> list[str]:
+    """A dict's first keys, sorted, for a message (long or odd keys shortened)."""
+    return sorted(k if type(k) is str and len(k) <= 60 else describe(k) for k in dict.keys(d))[:12]
 
 
 def unwrap(obj, src: Source) -> dict[str, Stored]:
-    """Peel known wrapper dicts and flatten to ``name -> tensor``."""
+    """Peel known wrapper dicts and flatten to ``name -> tensor`` (see the module
+    docstring: loops, each dict once, at most :data:`MAX_DEPTH` deep)."""
     path = src.path
     if isinstance(obj, Stored):
         src.notes.append(f"a bare tensor, read as {BARE_TENSOR_NAME!r}")
@@ -276,48 +320,76 @@ def unwrap(obj, src: Source) -> dict[str, Stored]:
     if not isinstance(obj, dict):
         raise ConvertError(f"{path}: checkpoint holds a {type(obj).__name__}, expected a dict of tensors")
     trail: list[str] = []
+    seen = {id(obj)}
     while not _is_tensor_dict(obj):
-        keys = [k for k in WRAPPERS if k in obj]
+        keys = [k for k in WRAPPERS if dict.__contains__(obj, k)]
         if not keys:
-            if all(isinstance(v, dict) for v in obj.values()) and trail and trail[-1] == "net":
+            if trail and trail[-1] == "net" and all(isinstance(v, dict) for v in dict.values(obj)):
                 break  # net = {submodule: state_dict}: flattened below
-            raise ConvertError(f"{path}: no state dict found: top-level keys are {sorted(map(str, obj))[:12]}, none of the known wrappers {list(WRAPPERS)}")
+            raise ConvertError(f"{path}: no state dict found: {'.'.join(trail) or 'top-level'} keys are {_keys(obj)}, "
+                               f"none of the known wrappers {list(WRAPPERS)}")
         key = keys[0]
-        for other in obj:
+        for other in dict.keys(obj):
             if other != key:
-                src.dropped[".".join(trail + [str(other)])] = f"beside the {key!r} wrapper: not model weights (training state or bookkeeping); never read"
+                name = other if type(other) is str else describe(other)
+                src.dropped[".".join(trail + [name])] = f"beside the {key!r} wrapper: not model weights (training state or bookkeeping); never read"
         trail.append(key)
-        obj = obj[key]
+        obj = dict.__getitem__(obj, key)
+        where = ".".join(trail) if len(trail) <= 6 else ".".join(trail[:6]) + f"... ({len(trail)} wrappers)"
         if not isinstance(obj, dict):
-            raise ConvertError(f"{path}: wrapper {'.'.join(trail)!r} holds a {type(obj).__name__}, expected a dict")
+            raise ConvertError(f"{path}: wrapper {where!r} holds a {type(obj).__name__}, expected a dict")
+        if id(obj) in seen:
+            raise ConvertError(f"{path}: wrapper {where!r} holds a dict met above it (data.pkl refers back to a dict "
+                               "that contains it: a cycle); refused")
+        if len(trail) + 1 > MAX_DEPTH:  # the top-level dict, then one per wrapper
+            raise ConvertError(f"{path}: wrappers nest dicts {len(trail) + 1} deep ({where}), over the limit of "
+                               f"{MAX_DEPTH}; refused")
+        seen.add(id(obj))
     if trail:
         src.notes.append(f"unwrapped {' -> '.join(repr(k) for k in trail)}")
-    out: dict[str, Stored] = {}
-    stripped = False
-
-    def walk(d: dict, prefix: str) -> None:
-        nonlocal stripped
-        for k, v in d.items():
-            if not isinstance(k, str):
-                raise ConvertError(f"{path}: non-string key {k!r} under {prefix or 'the top level'}")
-            name = _strip_module(k)
-            stripped |= name != k
-            full = prefix + name
-            if isinstance(v, Stored):
-                if full in out:
-                    raise ConvertError(f"{path}: tensor {full!r} appears twice after stripping 'module.' prefixes")
-                out[full] = v
-            elif isinstance(v, dict):
-                walk(v, full + ".")
-            else:
-                raise ConvertError(f"{path}: entry {full!r} is a {type(v).__name__}, not a tensor")
-
-    walk(obj, "")
+    out, stripped = _flatten(obj, path, seen, len(trail) + 1)
     if stripped:
         src.notes.append("stripped DDP 'module.' prefixes")
     if not out:
         raise ConvertError(f"{path}: the checkpoint holds no tensors")
     return out
+
+
+def _flatten(top: dict, path: str, seen: set, depth: int) -> tuple[dict[str, Stored], bool]:
+    """``name -> tensor`` of a state dict, nested dicts joined with ``.``, in the order
+    of the dicts (depth first); ``depth`` is how deep ``top`` already is.  Refuses a
+    dict met twice (``seen`` holds the wrappers above) and nesting over MAX_DEPTH."""
+    out: dict[str, Stored] = {}
+    stripped = False
+    stack = [(iter(dict.items(top)), "", depth)]
+    while stack:
+        items, prefix, level = stack[-1]
+        entry = next(items, None)
+        if entry is None:
+            stack.pop()
+            continue
+        k, v = entry
+        if not isinstance(k, str):
+            raise ConvertError(f"{path}: non-string key {describe(k)} under {describe(prefix[:-1]) if prefix else 'the top level'}")
+        name = _strip_module(k)
+        stripped |= name != k
+        full = prefix + name
+        if isinstance(v, Stored):
+            if full in out:
+                raise ConvertError(f"{path}: tensor {describe(full)} appears twice after stripping 'module.' prefixes")
+            out[full] = v
+        elif isinstance(v, dict):
+            if id(v) in seen:
+                raise ConvertError(f"{path}: entry {describe(full)} is a dict met before (data.pkl refers to one dict "
+                                   "twice, or to a dict inside itself); refused")
+            if level >= MAX_DEPTH:
+                raise ConvertError(f"{path}: entry {describe(full)} nests dicts {level + 1} deep, over the limit of "
+                                   f"{MAX_DEPTH}; refused")
+            seen.add(id(v))
+            stack.append((iter(dict.items(v)), full + ".", level + 1))
+        else:
+            raise ConvertError(f"{path}: entry {describe(full)} is a {type(v).__name__}, not a tensor")
+    return out, stripped
 
 
 class CombinedSource(Source):

@@ -47,6 +47,7 @@ import os
 
 from .configs import load_json, require
 from .errors import ConvertError
+from .registry import regular_file
 from .table import WB, Drop, keep, row
 
 
@@ -143,7 +144,7 @@ def _find_stats(src_file: str) -> str | None:
     for folder in (here, os.path.dirname(here)):
         for name in STATS_FILES:
             p = os.path.join(folder, name)
-            if os.path.isfile(p):
+            if regular_file(p):  # a FIFO there is refused, never opened
                 return p
     return None
 
@@ -159,7 +160,7 @@ def extra_sources(src_file: str, extra: dict[str, str]) -> dict[str, str]:
                 "folder; pass --stats PATH (the file is in the IndexTTS-2 release folder)")
     if os.path.isdir(path):
         raise ConvertError(f"{path}: is a folder; --stats takes the wav2vec2bert_stats.pt file")
-    if not os.path.isfile(path):
+    if not regular_file(path):
         raise ConvertError(f"{path}: IndexTTS-2's feature statistics file not found (pass --stats PATH)")
     return {"stats/": path}
 

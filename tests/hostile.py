@@ -7,6 +7,7 @@ test_hostile.py run the CLI on each and assert the exact outcome.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -307,4 +308,148 @@ def storage_bomb(folder, good):
     pkl = torch_pickle({"conv_pre.weight": n // 4})
     _raw_zip(path, [_stored("archive/data.pkl", pkl),
                     ("archive/data/0", zipfile.ZIP_DEFLATED, _zeros_crc(n), _zeros_deflated(n), n)] + _META)
+    return path
+
+
+# ------------------------------------------------------------------ forged archives and pickles (issue 23)
+
+
+@dataclasses.dataclass
+class ZipRecord:
+    """One record of :func:`forge_zip`: its name and bytes, and what its local header
+    (``local``), central directory entry (``central``) and data descriptor may say
+    instead of the truth.  Keys: ``name`` (bytes), ``flags``, ``method``, ``crc``,
+    ``csize``, ``usize``, and in ``central`` also ``offset`` (a number, or the name of
+    a record: where that record's bytes start)."""
+
+    name: str
+    data: bytes
+    local: dict = dataclasses.field(default_factory=dict)
+    central: dict = dataclasses.field(default_factory=dict)
+    descriptor: bytes | None = None  # the bytes after the data when flag bit 3 is set
+    extra: bytes = b""  # the local header's extra field
+
+
+def torch_records(path: str) -> list[ZipRecord]:
+    """The records of a torch.save file, in order."""
+    with zipfile.ZipFile(path) as z:
+        return [ZipRecord(i.filename, z.read(i)) for i in z.infolist()]
+
+
+def forge_zip(path: str, records: list[ZipRecord], flags: int = 0x808, count: int | None = None,
+              cd_offset: int | None = None, tail: bytes = b"") -> str:
+    """A stored zip written field by field, by default as torch.save writes one (flag
+    bit 3: zeros in the local header and the CRC and sizes in a data descriptor after
+    the data; UTF-8 names; a zip64 end record before the end record), with what each
+    record's headers say open to forgery; ``count`` and ``cd_offset`` are what the end
+    records say, ``tail`` bytes after them."""
+    import zlib
+
+    out, offsets, data_at = bytearray(), [], {}
+    for r in records:
+        off, name, crc, n = len(out), r.name.encode(), zlib.crc32(r.data), len(r.data)
+        offsets.append(off)
+        fl = r.local.get("flags", flags)
+        truth = (0, 0, 0) if fl & 8 else (crc, n, n)
+        lname = r.local.get("name", name)
+        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, fl, r.local.get("method", 0), 0, 0x21,
+                           r.local.get("crc", truth[0]), r.local.get("csize", truth[1]), r.local.get("usize", truth[2]),
+                           len(lname), len(r.extra)) + lname + r.extra
+        data_at[r.name] = len(out)
+        out += r.data
+        if fl & 8:
+            out += r.descriptor if r.descriptor is not None else struct.pack("<IIII", 0x08074B50, crc, n, n)
+    central = []
+    for r, off in zip(records, offsets):
+        name, crc, n = r.name.encode(), zlib.crc32(r.data), len(r.data)
+        cname, off = r.central.get("name", name), r.central.get("offset", off)
+        central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, r.central.get("flags", flags),
+                                   r.central.get("method", 0), 0, 0x21, r.central.get("crc", crc),
+                                   r.central.get("csize", n), r.central.get("usize", n), len(cname), 0, 0, 0, 0, 0,
+                                   data_at[off] if isinstance(off, str) else off) + cname)
+    cd, at = b"".join(central), len(out)
+    k = len(records) if count is None else count
+    where = at if cd_offset is None else cd_offset
+    out += cd
+    end64 = len(out)
+    out += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 30, 45, 0, 0, k, k, len(cd), where)
+    out += struct.pack("<IIQI", 0x07064B50, 0, end64, 1)
+    out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, k, k, len(cd), where, 0) + tail
+    with open(path, "wb") as f:
+        f.write(out)
+    return path
+
+
+def local_header(name: str, data: bytes) -> bytes:
+    """A record's local header and bytes (flag bit 3 clear), to hide inside another."""
+    import zlib
+
+    n = name.encode()
+    return struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0x800, 0, 0, 0x21, zlib.crc32(data), len(data), len(data),
+                       len(n), 0) + n + data
+
+
+def op_str(x: str) -> bytes:
+    """BINUNICODE x."""
+    return b"X" + struct.pack("<I", len(x.encode())) + x.encode()
+
+
+def state_dict_ops(path: str) -> bytes:
+    """The opcodes that build a torch.save file's top-level object, without PROTO and
+    STOP: to embed it in a forged pickle."""
+    with zipfile.ZipFile(path) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    assert pkl[:2] == b"\x80\x02" and pkl[-1:] == b"."
+    return pkl[2:-1]
+
+
+def with_pickle(good: str, path: str, pkl: bytes) -> str:
+    """``good`` (a torch.save file) with its data.pkl replaced, CRCs recomputed."""
+    _rewrite_zip(good, path, lambda n, d, _: (pkl if n.endswith("/data.pkl") else d, zipfile.ZIP_STORED))
+    return path
+
+
+def nested_wrappers(body: bytes, depth: int, key: str = "model") -> bytes:
+    """data.pkl of ``{key: {key: ... body}}``, ``depth`` dicts deep."""
+    return b"\x80\x02" + (b"}" + op_str(key)) * depth + body + b"s" * depth + b"."
+
+
+def self_wrapper() -> bytes:
+    """data.pkl of ``d = {}; d["model"] = d``: a wrapper that contains itself (memo)."""
+    return b"\x80\x02}r\x00\x01\x00\x00" + op_str("model") + b"j\x00\x01\x00\x00s."
+
+
+def mutual_wrappers() -> bytes:
+    """data.pkl of ``a = {"model": b}; b = {"model": a}``."""
+    return b"\x80\x02}q\x01" + op_str("model") + b"}" + op_str("model") + b"h\x01ss."
+
+
+def deep_tuple_key(depth: int) -> bytes:
+    """data.pkl of ``{((((),),),): 1}``, the key ``depth`` tuples deep: hashing it
+    recurses in C (at 10^6 it crashes Python)."""
+    return b"\x80\x02})" + b"\x85" * (depth - 1) + b"K\x01s."
+
+
+def deep_list_beside(body: bytes, depth: int) -> bytes:
+    """data.pkl of ``{"model": state_dict, "junk": [[[...]]]}``, the list ``depth`` deep."""
+    return b"\x80\x02}(" + op_str("model") + body + op_str("junk") + b"]" * depth + b"a" * (depth - 1) + b"u."
+
+
+def legacy_with_object(legacy: str, path: str, pkl: bytes) -> str:
+    """A legacy (non-zip) torch.save file with its object pickle (the fourth, after the
+    magic number, protocol and system info) replaced by ``pkl``."""
+    import io
+    import pickletools
+
+    data = open(legacy, "rb").read()
+    f = io.BytesIO(data)
+    bounds = []
+    for _ in range(4):
+        start = f.tell()
+        for _ in pickletools.genops(f):
+            pass
+        bounds.append((start, f.tell()))
+    start, end = bounds[3]
+    with open(path, "wb") as out:
+        out.write(data[:start] + pkl + data[end:])
     return path

@@ -2,14 +2,23 @@
 
 Whatever bytes arrive, the readers either accept a file whose layout is sound or
 refuse it with a ConvertError: never another exception, never a silent partial read.
+The torch-free ``.pth`` reader, on structured mutations of real torch.save pickles and
+archives, either gives torch.load's tensors or refuses (issue 23).
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import io
+import os
+import pickletools
 import struct
+import tempfile
+import warnings
 import zipfile
 import zlib
+from datetime import timedelta
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -18,9 +27,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from converters import safetensors_io as stio
+from converters import sources
 from converters.arrays import from_torch, to_torch
 from converters.errors import ConvertError
 from converters.sources import open_source
+from tests import hostile
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 SLOW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -154,3 +165,204 @@ def test_bounded_record_reader(tmp_path, rec):
             assert not good
             return
     assert got == payload and declared <= limit and crc == zlib.crc32(payload)
+
+
+# ------------------------------------------------------------------ the torch-free reader against torch (issue 23)
+#
+# Structured mutations of real torch.save pickles and archives.  Every outcome is one of
+# two: open_source gives the tensors torch.load(weights_only=True) gives for the same
+# bytes (after the same unwrapping; compared as bytes, for NaN), or it refuses with a
+# one-line ConvertError.  torch.load runs only on files the reader accepted: those passed
+# its tuple-depth check, so torch cannot crash on them.
+
+AGREE = settings(max_examples=300, deadline=timedelta(seconds=10), suppress_health_check=list(HealthCheck))
+
+
+@functools.lru_cache(maxsize=None)
+def _bases() -> tuple[str, ...]:
+    """torch.save files the mutations start from: a state dict (all the reader's dtypes,
+    views, Parameters, _metadata), a training checkpoint, a net of state dicts, a bare
+    tensor."""
+    d = tempfile.mkdtemp(prefix="fuzz-bases-")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, generator=g)
+    sd = collections.OrderedDict(
+        w=base, t=base.t(), s=base[1:3, 2:], e=torch.zeros(0, 3), h=torch.randn(5, generator=g).half(),
+        b=torch.randn(3, generator=g).bfloat16(), i=torch.arange(5), u=torch.arange(4, dtype=torch.uint8),
+        m=torch.tensor([True, False]), nan=torch.tensor([float("nan"), -0.0]), p=torch.nn.Parameter(torch.ones(2)),
+        x=torch.arange(3.0).reshape(3, 1).expand(3, 2))
+    sd._metadata = collections.OrderedDict({"": {"version": 1}})
+    objs = {
+        "sd": sd,
+        "training": {"model": sd, "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 1e-3}]},
+                     "epoch": 3},
+        "net": {"net": {"cfm": collections.OrderedDict(a=base[0]), "lr": {"b": torch.arange(3.0)}}, "iters": 7},
+        "bare": torch.arange(6.0).reshape(2, 3),
+    }
+    paths = []
+    for name, obj in objs.items():
+        paths.append(os.path.join(d, f"{name}.pth"))
+        torch.save(obj, paths[-1])
+    return tuple(paths)
+
+
+def _tensors_of(src) -> list:
+    return [(n, src.dtypes[n], tuple(src.shapes[n]), None if src.tensors[n] is None else src.tensors[n].tobytes())
+            for n in src.names()]
+
+
+def _same_or_refused(path: str) -> str:
+    """Asserts the two outcomes; returns which it was."""
+    try:
+        src = sources.open_source(path)
+    except ConvertError as e:
+        assert "\n" not in str(e) and str(e), repr(e)
+        return "refused"
+    with src:
+        ours = (_tensors_of(src), src.dropped)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # The oracle, as the converter calls it (map_location: a checkpoint saved on a GPU reads on the
+            # CPU); it must accept what the reader accepted.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        ref = sources.MappingSource(path, "pth-zip", {}, {})
+        ref.tensors = {}
+        for name, t in sources.unwrap(sources._torch_leaves(obj), ref).items():
+            ref.tensors[name], ref.shapes[name], ref.dtypes[name] = t.array, tuple(t.array.shape) if t.array is not None else t.shape, t.dtype
+        assert ours == (_tensors_of(ref), ref.dropped)
+    return "same"
+
+
+# Opcodes inserted or replacing one: torch's (values, containers, calls, memo), and some
+# torch does not run (POP, DUP, FRAME, a text INT).
+_SNIPPETS = [b"N", b")", b"]", b"}", b"\x8f", b"K\x07", b"K\x00", b"J\xff\xff\xff\xff", b"M\x01\x00",
+             b"G" + struct.pack(">d", 2.5), hostile.op_str("model"), hostile.op_str("storage"), b"U\x01a", b"\x8a\x01\x05",
+             b"\x88", b"\x89", b"(", b"t", b"\x85", b"\x86", b"\x87", b"s", b"u", b"a", b"e", b"R", b"b", b"Q", b"\x81",
+             b"ccollections\nOrderedDict\n", b"ctorch._utils\n_rebuild_tensor_v2\n", b"ctorch\nFloatStorage\n",
+             b"ctorch._utils\n_rebuild_parameter\n", b"ctorch\nSize\n", b"cbuiltins\nset\n", b"q\x00", b"r\x00\x00\x01\x00",
+             b"0", b"2", b"\x95" + struct.pack("<Q", 1), b"I1\n", b"."]
+
+
+_VALUES = {"BININT", "BININT1", "BININT2", "BINUNICODE", "SHORT_BINSTRING", "BINFLOAT", "LONG1", "NONE",
+           "NEWTRUE", "NEWFALSE", "BINGET", "LONG_BINGET", "EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE"}
+
+
+def _ops(pkl: bytes) -> tuple[list[bytes], list[tuple[int, int]], list[int]]:
+    """The pickle cut into its opcodes, (index, slot) of each BINPUT, and the indices of
+    the opcodes that push a value."""
+    cuts, puts, values = [], [], []
+    for i, (op, arg, pos) in enumerate(pickletools.genops(pkl)):
+        cuts.append(pos)
+        if op.name in ("BINPUT", "LONG_BINPUT"):
+            puts.append((i, arg))
+        elif op.name in _VALUES:
+            values.append(i)
+    cuts.append(len(pkl))
+    return [pkl[a:b] for a, b in zip(cuts, cuts[1:])], puts, values
+
+
+def _get(slot: int) -> bytes:
+    return b"h" + bytes([slot]) if slot < 256 else b"j" + struct.pack("<I", slot)
+
+
+@st.composite
+def mutated_pickles(draw):
+    """(base file, its data.pkl with 1-3 structural mutations: an opcode deleted,
+    inserted, replaced or moved, or a value replaced by (or an opcode preceded by) a
+    BINGET of a memo slot filled earlier)."""
+    base = draw(st.sampled_from(_bases()))
+    ops, puts, values = _ops(_read_pkl(base))
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["delete", "insert", "replace", "memo", "memo", "memo-insert", "swap"]))
+        i = draw(st.integers(1, len(ops) - 1))  # never PROTO
+        if kind == "memo":
+            i = draw(st.sampled_from(values))
+        earlier = [slot for at, slot in puts if at < i]
+        if kind == "delete":
+            del ops[i]
+        elif kind in ("insert", "replace"):
+            ops[i:i + (kind == "replace")] = [draw(st.sampled_from(_SNIPPETS))]
+        elif kind.startswith("memo") and earlier:
+            ops[i:i + (kind == "memo")] = [_get(draw(st.sampled_from(earlier)))]
+        elif kind == "swap":
+            j = draw(st.integers(1, len(ops) - 1))
+            ops[i], ops[j] = ops[j], ops[i]
+        if kind != "memo" and kind != "replace":
+            break  # indices moved: one structural change per case, besides memo replacements
+    return base, b"".join(ops)
+
+
+def _read_pkl(path: str) -> bytes:
+    with zipfile.ZipFile(path) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+
+
+@AGREE
+@given(case=mutated_pickles())
+def test_mutated_pickles_agree_with_torch(tmp_path, case):
+    base, pkl = case
+    _same_or_refused(hostile.with_pickle(base, str(tmp_path / "m.pth"), pkl))
+
+
+@st.composite
+def wrapped_pickles(draw):
+    """A state dict under 1-40 levels of wrapper dicts, with siblings beside each
+    wrapper (numbers, strings, a reference to any wrapper dict or to the state dict:
+    cycles and shared dicts through the memo), or the wrapper chain itself closed on a
+    dict above."""
+    body = hostile.state_dict_ops(_bases()[0])  # its dict is memo slot 0; wrapper k's is 10^6 + k
+    keys = draw(st.lists(st.sampled_from(["model", "model", "net", "state_dict", "generator"]), min_size=1, max_size=40))
+    cycle = draw(st.one_of(st.none(), st.integers(0, len(keys) - 1)))  # the last wrapper holds this one
+    slot = [b"j" + struct.pack("<I", 10**6 + k) for k in range(len(keys))]
+    opens = [b"}r" + struct.pack("<I", 10**6 + k) + b"(" + hostile.op_str(key) for k, key in enumerate(keys)]
+    closes = []
+    for _ in keys:  # siblings come after the wrapped value: every slot is filled by then
+        siblings = b""
+        for _ in range(draw(st.integers(0, 2))):
+            name = draw(st.sampled_from(["epoch", "optimizer", "x", "iters", "model", "net"]))
+            body_ref = [b"h\x01"] if cycle is None else []  # memo slot 1: the state dict (0 is OrderedDict)
+            siblings += hostile.op_str(name) + draw(st.sampled_from([b"K\x03", hostile.op_str("v"), *body_ref, *slot]))
+        closes.append(siblings + b"u")
+    value = body if cycle is None else slot[cycle]
+    return b"\x80\x02" + b"".join(opens) + value + b"".join(reversed(closes)) + b"."
+
+
+@AGREE
+@given(pkl=wrapped_pickles())
+def test_nested_wrappers_agree_with_torch(tmp_path, pkl):
+    _same_or_refused(hostile.with_pickle(_bases()[0], str(tmp_path / "w.pth"), pkl))
+
+
+_LIES = [("local", "name", b"x/data/0"), ("local", "crc", 1), ("local", "csize", 5), ("local", "usize", 5),
+         ("local", "flags", 0x800), ("local", "method", 8), ("central", "crc", 1), ("central", "csize", 1),
+         ("central", "usize", 1), ("central", "flags", 0x800), ("central", "offset", 0), ("central", "offset", 3),
+         ("central", "name", b"zz"), ("descriptor", None, b"PK\x07\x08\0\0\0\0\0\0\0\0\0\0\0\0")]
+
+
+@st.composite
+def forged_archives(draw):
+    """(base file, its records with one duplicated (same or other bytes, same name or
+    another case) or one header field that lies, whether the archive must be refused)."""
+    base = draw(st.sampled_from(_bases()))
+    recs = hostile.torch_records(base)
+    i = draw(st.integers(0, len(recs) - 1))
+    if draw(st.booleans()):
+        r = recs[i]
+        name = r.name if draw(st.booleans()) else r.name.upper()
+        data = r.data if draw(st.booleans()) else bytes(len(r.data))
+        recs.insert(draw(st.integers(1, len(recs))), hostile.ZipRecord(name, data))
+        return base, recs, True
+    where, field, value = draw(st.sampled_from(_LIES))
+    if where == "descriptor":
+        recs[i].descriptor = value
+    else:
+        getattr(recs[i], where)[field] = value
+    return base, recs, False
+
+
+@AGREE
+@given(case=forged_archives())
+def test_forged_archives_agree_with_torch(tmp_path, case):
+    base, recs, must_refuse = case
+    outcome = _same_or_refused(hostile.forge_zip(str(tmp_path / "z.pth"), recs))
+    assert outcome == "refused" or not must_refuse
