@@ -67,6 +67,9 @@ def check_paths(paths, full_hash: bool = False, pin: str | None = None, echo=_ou
         if golden.is_golden(md):
             errs = golden.check_golden(f, full_hash)
             ok = f"ok {f} (golden activations for {os.path.basename(f)})"
+        elif golden.is_pipeline_trace(md):
+            errs = golden.check_pipeline_trace(f)
+            ok = f"ok {f} (end-to-end pipeline trace)"
         else:
             kind, errs = schema.check_file(f, pin)
             ok = f"ok {f} ({kind}, schema v{md.get('schema_version')}): {family.label(family.file_version(md))}"

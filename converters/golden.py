@@ -132,7 +132,117 @@ def write_golden(out_dir: str, models: tuple[str, ...] = (), seed: int = 0, echo
             raise ConvertError("written golden file fails its check (bug):\n  " + "\n  ".join(errs))
         written.append(out)
         echo(f"wrote {out} ({md['model']}: {len(index)} entry points, {len(tensors)} tensors, {time.perf_counter() - t0:.1f} s)")
+    if not models:
+        trace = write_pipeline_trace(out_dir, seed, echo)
+        if trace:
+            written.append(trace)
     return written
+
+
+# ------------------------------------------------------------------ the end-to-end trace
+
+PIPELINE_FILE = "pipeline.safetensors"
+TRACE_SCHEMA = "indextts2-pipeline-trace"  # reference.pipeline.TRACE_SCHEMA
+TRACE_TEXT = "CAB BAD DAB FACE"
+TRACE_PROMPT_S = 1.6
+TRACE_MAX_CODES = 12
+TRACE_REQUIRED = ("schema", "family_version", "reference_version", "options", "steps", "files_sha256", "sample_rate",
+                  "prompt_sample_rate")
+
+
+def trace_prompt(seconds: float, sr: int, seed: int):
+    """The trace's voice prompt: a seeded speech-like signal (harmonics of a gliding f0
+    under a syllable envelope, a little noise), float32 ``[1, n]`` in [-1, 1]."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(round(seconds * sr))) / sr
+    f0 = 120 + 40 * rng.random() + 25 * np.sin(2 * np.pi * (1 + rng.random()) * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    x = sum(np.sin(k * phase) / k for k in range(1, 9)) * (0.4 + 0.6 * np.sin(2 * np.pi * 2.5 * t) ** 2)
+    x = 0.4 * x / np.abs(x).max() + 0.01 * rng.standard_normal(t.shape[0])
+    return torch.tensor(np.clip(x, -1, 1), dtype=torch.float32).unsqueeze(0)
+
+
+def write_pipeline_trace(out_dir: str, seed: int = 0, echo=print) -> str | None:
+    """``OUT_DIR/golden/pipeline.safetensors``: the reference pipeline end to end on a
+    seeded prompt and a fixed text, greedy, at most TRACE_MAX_CODES codes, with the CFM
+    noise from ``seed``: ``input.prompt_audio``, every intermediate under the manifest's
+    step names, the waveform.  A bundle whose files do not chain end to end gets none
+    (said so)."""
+    from reference import pipeline
+    from reference.trace import save_trace
+
+    try:
+        b = pipeline.open_bundle(out_dir, "cpu")
+    except pipeline.PipelineError as e:
+        echo(f"no {FOLDER}/{PIPELINE_FILE}: {e}")
+        return None
+    t0 = time.perf_counter()
+    sr = b.pipeline["front_ends"]["resampling"]["prompt_load"]["speaker_prompt_hz"]
+    prompt = trace_prompt(TRACE_PROMPT_S, sr, seed)
+    r = pipeline.synthesize(b, TRACE_TEXT, (prompt, sr), max_codes=TRACE_MAX_CODES, greedy=True, seed=seed)
+    meta = pipeline.trace_metadata(b, r)
+    meta["prompt_sample_rate"] = str(sr)
+    out = os.path.join(out_dir, FOLDER, PIPELINE_FILE)
+    save_trace(out, {"input.prompt_audio": prompt, **r.trace}, meta)
+    errs = check_pipeline_trace(out)
+    if errs:
+        raise ConvertError("written pipeline trace fails its check (bug):\n  " + "\n  ".join(errs))
+    echo(f"wrote {out} (end to end: {r.trace['codes.codes'].shape[1]} codes, {len(r.trace)} intermediates, "
+         f"{time.perf_counter() - t0:.1f} s)")
+    return out
+
+
+def is_pipeline_trace(metadata: dict) -> bool:
+    return metadata.get("schema") == TRACE_SCHEMA
+
+
+def check_pipeline_trace(path: str) -> list[str]:
+    """Problems with an end-to-end trace (torch-free): its metadata, a tensor for every
+    step it lists, and the sha256 of every bundle file it was made from equal to what
+    the manifest beside its folder records now."""
+    from .release import read_manifest
+    from .st_header import read_header
+
+    try:
+        h = read_header(path)
+    except ConvertError as e:
+        return [str(e)]
+    md = h.metadata
+    errs = [f"{path}: metadata has no {k!r}" for k in TRACE_REQUIRED if k not in md]
+    if errs:
+        return errs
+    try:
+        steps, used, options = json.loads(md["steps"]), json.loads(md["files_sha256"]), json.loads(md["options"])
+    except ValueError:
+        return [f"{path}: metadata 'steps', 'files_sha256' or 'options' is not JSON"]
+    if not isinstance(options, dict) or not steps or steps[-1] != "waveform.wav":
+        errs.append(f"{path}: metadata 'steps' must end with 'waveform.wav' and 'options' be an object")
+    names = set(h.tensors)
+    for n in steps:
+        if n not in names:
+            errs.append(f"{path}: step {n!r} has no tensor")
+    for n in sorted(names - set(steps) - {"input.prompt_audio"}):
+        errs.append(f"{path}: unexpected tensor {n!r}")
+    if "input.prompt_audio" not in names:
+        errs.append(f"{path}: no 'input.prompt_audio' tensor")
+    bundle = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    try:
+        m = read_manifest(bundle) or {}
+    except ConvertError as e:
+        return errs + [str(e)]
+    known = {n: r.get("sha256") for n, r in m.get("files", {}).items()}
+    for entry in m.get("bundle", {}).values():
+        known.update({n: r.get("sha256") for n, r in entry.get("files", {}).items()})
+    for name, sha in sorted(used.items()):
+        if name not in known:
+            errs.append(f"{path}: made from {name}, which manifest.json beside it does not list")
+        elif known[name] != sha:
+            errs.append(f"{path}: made from another {name} (sha256 {sha[:12]}..., the bundle's is "
+                        f"{str(known[name])[:12]}...); run `convert.py golden` again")
+    return errs
 
 
 # ------------------------------------------------------------------ checking (torch-free)

@@ -455,3 +455,56 @@ def test_synthesize_cli_refuses_bad_input_in_one_line(chain_2_0, tmp_path):
         lines = err.strip().splitlines()
         assert rc == 1 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (what, err)
         assert not out.exists() and not list(tmp_path.glob(".partial-*")), what
+
+
+# ------------------------------------------------------------------ golden/pipeline.safetensors
+
+
+@pytest.mark.xdist_group("chain-2.0")
+def test_golden_pipeline_trace(chain_2_0, tmp_path):
+    """``convert.py golden`` writes ``golden/pipeline.safetensors`` (here only that part, on
+    a copy of the bundle); ``check`` accepts it, and refuses it once a bundle file it was
+    made from changes.  The README's parity loop for a port, run with the reference as
+    the port: the trace's prompt and noise in, every step compared."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from converters import golden
+    from converters.check import check_paths
+    from reference import pipeline
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(chain_2_0.bundle, bundle)
+    os.makedirs(bundle / "golden")
+    path = golden.write_pipeline_trace(str(bundle), seed=0, echo=lambda m: None)
+    assert path and golden.check_pipeline_trace(path) == []
+    assert check_paths([str(path)], echo=lambda m: None, echo_err=lambda m: None) == 0
+
+    # the port's loop: inputs from the trace, each step compared with it
+    t = load_file(path)
+    meta = json.loads(open(path, "rb").read(8 + int.from_bytes(open(path, "rb").read(8), "little"))[8:])["__metadata__"]
+    opts = json.loads(meta["options"])
+    r = pipeline.synthesize(str(bundle), opts["text"], (t["input.prompt_audio"], int(meta["prompt_sample_rate"])),
+                            max_codes=opts["max_codes"], greedy=opts["greedy"], noise=t["mel.noise"])
+    for step in json.loads(meta["steps"]):
+        want, got = t[step], r.trace[step]
+        if want.is_floating_point():
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max(), step
+        else:
+            assert torch.equal(got, want), step
+
+    # a bundle file changed after the trace was made
+    m = json.load(open(bundle / "manifest.json"))
+    m["files"]["gpt.safetensors"]["sha256"] = "0" * 64
+    json.dump(m, open(bundle / "manifest.json", "w"))
+    assert any("made from another gpt.safetensors" in e for e in golden.check_pipeline_trace(path))
+
+
+def test_golden_on_a_bundle_that_does_not_chain_says_so(demo_bundle, tmp_path):
+    from converters import golden
+
+    said = []
+    assert golden.write_pipeline_trace(str(demo_bundle), echo=said.append) is None
+    assert "do not chain end to end" in said[0]
