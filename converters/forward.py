@@ -133,15 +133,23 @@ def repcodec_module():
     name = "indextts.utils.maskgct.models.codec.kmeans.repcodec_model"
     if name in sys.modules:
         return sys.modules[name]
-    saved = {k: sys.modules.get(k) for k in _TORCHAUDIO}
     mods = {k: types.ModuleType(k) for k in _TORCHAUDIO}
     mods["torchaudio"].functional = mods["torchaudio.functional"]
     mods["torchaudio.functional"].functional = mods["torchaudio.functional.functional"]
     mods["torchaudio.functional.functional"]._hz_to_mel = _torchaudio_refused
     mods["torchaudio.functional.functional"]._mel_to_hz = _torchaudio_refused
+    with stand_ins(mods):
+        return indextts("utils.maskgct.models.codec.kmeans.repcodec_model")
+
+
+@contextlib.contextmanager
+def stand_ins(mods: dict, also: tuple[str, ...] = ()):
+    """``mods`` in ``sys.modules`` only for the duration; afterwards those names (and the
+    ``also`` names) are as they were before, present or absent."""
+    saved = {k: sys.modules.get(k) for k in (*mods, *also)}
     sys.modules.update(mods)
     try:
-        return indextts("utils.maskgct.models.codec.kmeans.repcodec_model")
+        yield
     finally:
         for k, v in saved.items():
             if v is None:

@@ -117,19 +117,13 @@ def _side_torchaudio() -> str:
 def _load_alone(name: str, path: str, stubs: dict[str, types.ModuleType]):
     """Execute one source file as module ``name`` with ``stubs`` in sys.modules only
     while it loads (transformers and others probe for torchaudio; none must see one)."""
-    saved = {k: sys.modules.get(k) for k in (*stubs, name)}
-    sys.modules.update(stubs)
-    try:
+    from converters.forward import stand_ins
+
+    with stand_ins(stubs, also=(name,)):
         spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
 
 
 @functools.cache
