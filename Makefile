@@ -4,7 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip --disable-pip-version-check
-SRC    ?= demo/release
+# The default SRC is the chained demo (scripts/chain_demo.py): a ~640 MB release whose widths chain end to
+# end, so `python -m reference synthesize` runs on its bundle; generated from demo/chain/ (a few MB) into
+# CHAIN_DEMO when missing or older than demo/chain/.  SRC=... converts any other release as before.
+CHAIN_DEMO := build/demo-chain
+SRC    ?= $(CHAIN_DEMO)
 OUT    ?= canonical
 INDEXTTS2_INFERENCE := indextts2-inference==2.1.1
 INDEXTTS25_INFERENCE := indextts25-inference==0.2.0
@@ -27,7 +31,11 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PIP) install -q --no-deps --target $(VENV)/torchaudio-side $(TORCHAUDIO_SIDE)
 	touch $@
 
-convert: $(VENV)/.runtime
+$(CHAIN_DEMO)/.built: $(VENV)/.runtime scripts/chain_demo.py $(shell find demo/chain -type f 2>/dev/null)
+	$(PY) scripts/chain_demo.py build $(CHAIN_DEMO)
+	touch $@
+
+convert: $(VENV)/.runtime $(if $(filter $(CHAIN_DEMO),$(SRC)),$(CHAIN_DEMO)/.built)
 	$(PY) convert.py all --src $(SRC) --out $(OUT)
 
 check: $(VENV)/.runtime
@@ -50,10 +58,12 @@ BENCH_RELEASE ?= 2.0
 bench: $(VENV)/.dev
 	$(PY) -m bench.run --cache $(BENCH_CACHE) --results bench-results --release $(BENCH_RELEASE)
 
-# Regenerate the committed demo releases (IndexTTS-2.0 and 2.5) from the upstream classes.
+# Regenerate the committed demo releases (IndexTTS-2.0 and 2.5) from the upstream classes, and the
+# chained demo's snapshot (demo/chain/) from tests/upstream/chain.py.
 demo: $(VENV)/.dev
 	$(PY) scripts/make_demo.py demo/release
 	$(PY) scripts/make_demo_2_5.py demo/release-2.5
+	$(PY) scripts/chain_demo.py snapshot --dir demo/chain
 
 clean:
-	rm -rf $(OUT)
+	rm -rf $(OUT) $(CHAIN_DEMO) $(CHAIN_DEMO).partial-*
