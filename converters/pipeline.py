@@ -156,21 +156,109 @@ INFERENCE = {
 
 # infer_v2_5.py: what changes between the models in IndexTTS-2.5 (the rest as INFERENCE).
 INFERENCE_2_5 = {
-    **{k: v for k, v in INFERENCE.items() if k not in ("mel_frames_per_code", "conditioning_lengths")},
+    **{k: v for k, v in INFERENCE.items()
+       if k not in ("mel_frames_per_code", "conditioning_lengths", "emotion_vector_bias", "emotion_vector_max_sum")},
     "mel_frames_per_decoded_frame": 1.72,  # target_lengths = int(S_infer.shape[1] * 1.72 * duration_factor)
     "decoded_frames_per_code": 2,  # EnhancedCodec.decode upsamples by 2: S_infer has 2 frames per code
     "duration_factor": 1.0,  # infer_v2_5's default; scales the target length
+    "target_length": "int(S_infer.shape[1] * mel_frames_per_decoded_frame * duration_factor), left to right in Python "
+                     "floats (float64; 2.0 multiplies a LongTensor by 1.72 in float32 instead)",
     "conditioning_lengths": "infer_v2_5 passes spk_cond_emb.shape[-1] (the feature width) as the emotion lengths, so nothing is masked",
+    "speaker_prompt": "librosa.load(path) at its default 22050 Hz (mono, soxr_hq), cut to max_reference_audio_s, then "
+                      "indextts25.utils.common.resample (torchaudio's Resample, bit for bit: front_ends.resampling.sinc) to "
+                      "16000 for w2v-bert and CAMPPlus; the mel prompt is of the 22050 Hz audio itself, not resampled",
+    "speaker_conditioning": "gpt.spk_emb_proj(style), the CAMPPlus style of the speaker prompt: one latent [1, 1, model_dim]",
+    # The emotion vector: infer_v2_5 has no normalize_emo_vec (no bias, no 0.8 cap); alpha scales it as in 2.0.
+    "emotion_vector_normalization": None,
+    "output_pcm_scale": 32767.0,
+    "output": "infer_v2_5 returns clamp(output_pcm_scale * bigvgan(mel), -32767, 32767) as float (PCM scale; save_pcm_wav "
+              "rounds it to int16, output_pcm16); divided by output_pcm_scale that is clamp(wav, output_clamp), the "
+              "waveform in [-1, 1]",
+    # The text: at most this many tokens (the language prefix included) per segment; longer texts are split.
+    "max_text_tokens_per_segment": 120,
+    "segments": "budget = max(1, min(max_text_tokens_per_segment, gpt max_text_tokens) - len(ids of the language prefix)); "
+                "a prepared text of at most budget tokens is one segment, a longer one is split at punctuation, then "
+                "between words (split_text_by_tokens), each segment synthesised alone and joined with interval_silence_ms",
+    "empty_codes": "a segment whose codes are empty after the cut at stop_mel_token is skipped (no audio)",
 }
-# indextts/utils/tokenizer.py: get_tokenizer(multilingual=True) reads <model_dir>/<name>.tiktoken
+
+# indextts/utils/tokenizer.py get_encoding: the special tokens it appends after the ranks, in
+# this order (ids len(ranks), len(ranks) + 1, ...), beside the <|lang|> of the first 99 languages.
+TIKTOKEN_SPECIAL_LANGUAGES = 99
+TIKTOKEN_AUDIO_EVENTS = ("ASR", "AED", "SER", "Speech", "/Speech", "BGM", "/BGM", "Laughter", "/Laughter",
+                         "Applause", "/Applause")
+TIKTOKEN_EMOTIONS = ("HAPPY", "SAD", "ANGRY", "NEUTRAL")
+TIKTOKEN_TASKS = ("translate", "transcribe", "startoflm", "startofprev", "nospeech", "notimestamps")
+TIKTOKEN_TTS = ("TTS/B", "TTS/O", "TTS/Q", "TTS/A", "TTS/CO", "TTS/CL", "TTS/H", *(f"TTS/SP{i:02d}" for i in range(1, 14)))
+
+
+def tiktoken_specials(languages) -> list[str]:
+    """get_encoding's special tokens before the timestamps, in id order."""
+    return ["<|endoftext|>", "<|startoftranscript|>",
+            *(f"<|{x}|>" for x in list(languages)[:TIKTOKEN_SPECIAL_LANGUAGES]),
+            *(f"<|{x}|>" for x in TIKTOKEN_AUDIO_EVENTS + TIKTOKEN_EMOTIONS + TIKTOKEN_TASKS),
+            *(f"<|SPECIAL_TOKEN_{i}|>" for i in range(1, 31)),
+            *(f"<|{x}|>" for x in TIKTOKEN_TTS)]
+
+
+# infer_v2_5._prepare_text without normalisation: TextNormalizer.char_rep_map (indextts/utils/front.py),
+# as one regex alternation of the keys in this order (at each position the first key that matches wins).
+TEXT_CHAR_MAP = {
+    "\uff1a": ",", "\uff1b": ",", ";": ",", "\uff0c": ",", "\u3002": ".", "\uff01": "!", "\uff1f": "?", "\n": " ",
+    "\u00b7": "-", "\u3001": ",", "...": "\u2026", ",,,": "\u2026", "\uff0c\uff0c\uff0c": "\u2026", "\u2026\u2026": "\u2026",
+    "\u201c": "'", "\u201d": "'", '"': "'", "\u2018": "'", "\u2019": "'", "\uff08": "'", "\uff09": "'", "(": "'", ")": "'",
+    "\u300a": "'", "\u300b": "'", "\u3010": "'", "\u3011": "'", "[": "'", "]": "'", "\u2014": "-", "\uff5e": "-", "~": "-",
+    "\u300c": "'", "\u300d": "'", ":": ",",
+}
+
+# indextts/utils/tokenizer.py get_tokenizer(multilingual=True) reads <model_dir>/<file>; infer_v2_5 prepares
+# and encodes the text (_prepare_text with text_normalization=False, then infer_generator).
 TIKTOKEN_TEXT = {
     "file": "multilingual_zh_ja_yue_char_del.tiktoken",
-    "format": "tiktoken BPE ranks (one 'base64-token rank' per line); upstream's get_encoding appends its special tokens "
-              "after the ranks (<|endoftext|>, <|startoftranscript|>, one <|lang|> per language of the first 99, task and "
-              "timestamp tokens, <|SPECIAL_TOKEN_1..30|>, the TTS vocal tokens), in order",
-    "prompt": "f'<|{lang}|> ' + text (lower-cased for ja/zh/zhen/en, upper-cased for es), encoded with allowed_special='all'; "
-              "stop_text_token appended",
-    "language_id": "lang = languages.index(lang) (upstream lang_to_token), the lang_embedding row added to every text position",
+    "format": "tiktoken BPE ranks (one 'base64-token rank' per line); upstream's get_encoding appends special_tokens "
+              "and then the timestamp_tokens after the ranks, ids from len(ranks) on (not from the largest rank + 1), "
+              "explicit_n_vocab = len(ranks) + their number",
+    "pat_str": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    "special_tokens": None,  # build(): tiktoken_specials(the GPT's languages)
+    "timestamp_tokens": {"count": 1501, "step": 0.02, "format": "<|{:.2f}|>",
+                         "rule": "format.format(i * step) for i in range(count), after special_tokens"},
+    "prepare": [
+        "lang lower-cased",
+        "char_map applied (each match of the alternation of its keys, in order, replaced by its value) once for "
+        "the languages of char_map_single_pass, twice for every other language (so ',,,' from the first pass "
+        "becomes an ellipsis in the second); with normalisation off ':' and its full-width form are not kept "
+        "(infer_v2_5 keeps them through the first pass only to normalise them)",
+        "lower-cased for lower_case_languages, upper-cased for upper_case_languages",
+        "annotations: <word|pronunciation> -> ' P ' when P (the pronunciation upper-cased) is all hiragana or all "
+        "katakana (annotation_kana), else chinese_token + P + chinese_token when the word has a character of "
+        "annotation_chinese, else other_token + P + other_token",
+        "ja: JapaneseG2PProcessor.process_ja_text (see unsupported_languages)",
+        "every <|x|> (special_case_pattern) written <|X|>, x upper-cased",
+    ],
+    "char_map": TEXT_CHAR_MAP,
+    "char_map_single_pass": ["es", "ja"],
+    "lower_case_languages": ["ja", "zh", "zhen", "en"],
+    "upper_case_languages": ["es"],
+    "annotation_pattern": r"<([^|>\n]+)\|([^>\n]+)>",
+    "annotation_chinese": "[\u4e00-\u9fff]",
+    "annotation_kana": ["^[\u3040-\u309f]+$", "^[\u30a0-\u30ff]+$"],
+    "chinese_token": "<|SPECIAL_TOKEN_2|>",
+    "other_token": "<|SPECIAL_TOKEN_1|>",
+    "special_case_pattern": r"<\|([^|]+)\|>",
+    "prefix": "<|{lang}|> ",
+    "allowed_special": "all",
+    "prompt": "prefix.format(lang=lang) + the prepared text, encoded with allowed_special='all' (a language past the "
+              "first 99, and zhen, has no special token: its prefix is encoded as plain text); no stop token is "
+              "appended: prepare_gpt_inputs removes every stop_text_token from the ids (the start token, an ordinary "
+              "character in this vocabulary, stays), left-pads by as many zero rows (masked) and frames them as "
+              "[start_text_token, ids..., stop_text_token]",
+    "extra_languages": {"zhen": "common"},  # accepted by infer_generator besides tokens.languages, with this language id
+    "unsupported_languages": {
+        "ja": "infer_v2_5 splits Japanese text into words with fugashi/MeCab (JapaneseG2PProcessor(g2p_ratio=0): the "
+              "words joined by single spaces) before tokenizing; that needs a morphological analyser and its dictionary",
+    },
+    "language_id": "lang = languages.index(lang) (upstream lang_to_token; extra_languages map to the named language), "
+                   "the lang_embedding row added to every text position",
 }
 
 
@@ -270,7 +358,10 @@ def build(configs: dict[str, dict], w2v_folder: str | None = None, family_versio
         out.update(flow=flow_2_5(configs, steps), inference=INFERENCE_2_5,
                    unused={"s2mel gpt_layer": "carried in s2mel.safetensors and run by none of infer_v2_5's steps "
                                               "(upstream removed its use_gpt_latent path)"})
-        out["tokens"].update(tokenizer=TIKTOKEN_TEXT, languages=list(gpt["languages"]))
+        from .gpt_v2_5 import LANGUAGES  # upstream's table: the tokenizer's <|lang|> tokens follow it, not the checkpoint
+
+        out["tokens"].update(tokenizer={**TIKTOKEN_TEXT, "special_tokens": tiktoken_specials(LANGUAGES)},
+                             languages=list(gpt["languages"]))
         return out
     out["flow"] = [
         steps["semantic_features"],
@@ -309,6 +400,7 @@ def flow_2_5(configs: dict[str, dict], steps: dict[str, dict]) -> list[dict]:
     codes are decoded by the 2.5 codec (``upsample_factor`` frames per code); the GPT's
     latents and s2mel's ``gpt_layer`` are not used."""
     gpt, s2, w2v, codec = configs["gpt"], configs["s2mel"], configs["w2v-bert"], configs["semantic-codec"]
+    voc = configs["bigvgan"]
     h, ch, d = w2v["hidden_size"], s2["length_regulator_channels"], gpt["model_dim"]
     return [
         {**steps["semantic_features"], "upstream": "infer_v2_5.get_emb"},
@@ -323,8 +415,8 @@ def flow_2_5(configs: dict[str, dict], steps: dict[str, dict]) -> list[dict]:
          "inputs": {"style": f"[1, {gpt['speaker_embedding_dim']}] (the CAMPPlus style above)"},
          "outputs": {"conditioning": f"[1, 1, {d}]"}},
         {"step": "codes", "file": "gpt.safetensors",
-         "upstream": "gpt.inference_speech(spk_cond_emb, text_tokens, lang, emo_cond_emb, emo_vec=emovec, campplus_embedding=style) "
-                     "(autoregressive sampling, inference.generation)",
+         "upstream": "gpt.inference_speech(text_tokens, lang, emovec, style) (autoregressive sampling, inference.generation; "
+                     "the prompt [conditioning + emovec, condition_zero_rows zero rows, the framed text + lang_embedding])",
          "inputs": {"text_tokens": "[1, T_text] ids of tokens.tokenizer.prompt", "lang": "[1] = tokens.tokenizer.language_id",
                     "conditioning": "as above", "emovec": "as above"},
          "outputs": {"codes": f"[1, T_codes] in [0, {gpt['number_mel_codes']}), cut at the first stop_mel_token"}},
@@ -335,7 +427,9 @@ def flow_2_5(configs: dict[str, dict], steps: dict[str, dict]) -> list[dict]:
          "upstream": "length_regulator(S_infer, ylens=[int(S_infer.shape[1] * 1.72 * duration_factor)])[0]",
          "outputs": {"cond": f"[1, T_target, {ch}]"}},
         steps["mel"],
-        steps["waveform"],
+        {**steps["waveform"], "upstream": "clamp(32767 * bigvgan(mel), -32767, 32767) (inference.output)",
+         "outputs": {"wav": f"[1, 1, T_target * {_prod(voc['upsample_rates'])}] at {voc.get('sampling_rate', s2['sampling_rate'])} "
+                            "Hz, PCM scale: clamped to [-32767, 32767]"}},
     ]
 
 

@@ -1,9 +1,10 @@
-"""``python -m reference synthesize BUNDLE_DIR --text TEXT --prompt PROMPT.wav --out OUT.wav``
+"""``python -m reference synthesize BUNDLE_DIR --text TEXT --prompt PROMPT.wav --out OUT.wav [--lang LANG]``
 
 Speech from a converted bundle with the reference pipeline (:mod:`reference.pipeline`).
-Writes a 22.05 kHz (the bundle's output rate) 16-bit mono WAV; ``--trace`` also writes
-every intermediate as safetensors.  Bad input gets one ``error:`` line, exit status 1,
-and no output file.
+An IndexTTS-2.5 bundle needs ``--lang`` (the text's language, e.g. en, zh, es); a 2.0
+bundle refuses it.  Writes a 22.05 kHz (the bundle's output rate) 16-bit mono WAV;
+``--trace`` also writes every intermediate as safetensors.  Bad input gets one
+``error:`` line, exit status 1, and no output file.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--emotion-vector", type=_floats, metavar="W1,...",
                    help="one weight per emotion (happy, angry, sad, afraid, disgusted, melancholic, surprised, calm)")
     s.add_argument("--raw-emotion-vector", action="store_true",
-                   help="use --emotion-vector as given, without normalize_emo_vec's bias and 0.8 cap")
-    s.add_argument("--lang", help="language (IndexTTS-2.5 bundles only)")
+                   help="use --emotion-vector as given, without normalize_emo_vec's bias and 0.8 cap "
+                        "(IndexTTS-2.0; a 2.5 bundle always uses it as given: 2.5 has no normalize_emo_vec)")
+    s.add_argument("--lang", help="the text's language, e.g. en, zh, es (IndexTTS-2.5 bundles: required; 2.0: refused)")
     s.add_argument("--max-codes", type=int, metavar="N", help="at most N GPT codes (default: the manifest's max_mel_tokens)")
     s.add_argument("--greedy", action="store_true", help="greedy decoding instead of seeded sampling")
     s.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the CFM noise (default 0)")
@@ -57,15 +59,13 @@ def main(argv=None) -> int:
             print(f"  {time.perf_counter() - t0:7.2f} s  {step}", file=sys.stderr, flush=True)
 
     try:
-        if args.lang is not None:
-            raise pipeline.PipelineError("--lang is for IndexTTS-2.5 bundles, which the reference pipeline does not run yet")
         if args.device == "cuda":
             import torch
 
             if not torch.cuda.is_available():
                 raise pipeline.PipelineError("--device cuda: this torch has no CUDA device")
         b = pipeline.open_bundle(args.bundle, args.device)
-        r = pipeline.synthesize(b, args.text, args.prompt, emotion_prompt=args.emotion_prompt,
+        r = pipeline.synthesize(b, args.text, args.prompt, lang=args.lang, emotion_prompt=args.emotion_prompt,
                                 emotion_alpha=args.emotion_alpha, emotion_vector=args.emotion_vector,
                                 normalize_emotion=not args.raw_emotion_vector, max_codes=args.max_codes,
                                 greedy=args.greedy, seed=args.seed, progress=progress)

@@ -72,23 +72,28 @@ def prompt_2_0(w, cond_latents, emo_vec, text) -> Prompt:
     cfg = w.config
     speed = w["speed_emb.weight"]
     conds = torch.cat([cond_latents + emo_vec.unsqueeze(1), speed[1][None, None], speed[0][None, None]], 1)
-    return _with_text(w, conds, text[0], extra=None)
+    return _with_text(w, conds, text[0], extra=None, removed=(cfg["start_text_token"], cfg["stop_text_token"]))
 
 
 def prompt_2_5(w, cond_latent, emo_vec, text, lang: int) -> Prompt:
     """IndexTTS-2.5's ``prepare_gpt_inputs``: ``[cond_latent + emo_vec,
     condition_zero_rows zero rows]`` then the framed text, with ``lang_embedding[lang]``
-    added to every text position."""
+    added to every text position.  Only ids equal to ``stop_text_token`` are removed
+    from ``text`` (2.5 keeps ``start_text_token``, an ordinary character of its
+    tokenizer), the prompt left-padded by as many masked zero rows."""
     cfg = w.config
     d = cfg["model_dim"]
     conds = torch.cat([cond_latent + emo_vec.unsqueeze(1), cond_latent.new_zeros(1, cfg["condition_zero_rows"], d)], 1)
-    return _with_text(w, conds, text[0], extra=w["lang_embedding.weight"][lang])
+    return _with_text(w, conds, text[0], extra=w["lang_embedding.weight"][lang], removed=(cfg["stop_text_token"],))
 
 
-def _with_text(w, conds, ids, extra) -> Prompt:
+def _with_text(w, conds, ids, extra, removed) -> Prompt:
     cfg = w.config
     start, stop = cfg["start_text_token"], cfg["stop_text_token"]
-    kept = ids[(ids != start) & (ids != stop)]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    for r in removed:
+        keep &= ids != r
+    kept = ids[keep]
     framed = torch.cat([ids.new_tensor([start]), kept, ids.new_tensor([stop])])
     text_emb = w["text_embedding.weight"][framed] + w["text_pos_embedding.weight"][: framed.shape[0]]
     if extra is not None:
@@ -183,3 +188,16 @@ def cut_at_stop(codes: torch.Tensor, stop: int) -> torch.Tensor:
     """The codes before the first ``stop`` (all of them when there is none), as infer_v2 cuts them."""
     hit = (codes[0] == stop).nonzero()
     return codes[:, : int(hit[0, 0])] if len(hit) else codes
+
+
+def codebook_problem(codes: torch.Tensor, codebook_size: int) -> str | None:
+    """Why the cut codes cannot be decoded, or None: a code outside the semantic codec's
+    codebook (``start_mel_token``, which a sampled GPT can emit) has no row in
+    ``vq2emb``; upstream fails there too (an index error), so the reference says so."""
+    bad = (codes < 0) | (codes >= codebook_size)
+    if not bool(bad.any()):
+        return None
+    i = int(bad[0].nonzero()[0, 0])
+    return (f"the GPT wrote code {int(codes[0, i])} at position {i}, outside the semantic codec's {codebook_size} "
+            "codebook rows (upstream's vq2emb fails on it too); try another seed or --greedy")
+

@@ -35,6 +35,9 @@ The flow (IndexTTS-2.0), with the places ports get wrong:
    style and noise, 25 steps, CFG 0.7; the prompt's frames are cut off.
 6. ``waveform``: BigVGAN, clamped to [-1, 1].
 
+IndexTTS-2.5 bundles (``family_version`` 2.5) run :mod:`reference.pipeline_2_5`, which
+needs ``lang``; the same options otherwise, the same :class:`Result`.
+
 Noise and sampling: the CFM noise is ``torch.randn([1, in_channels, T])`` from a CPU
 generator seeded with ``seed`` (upstream draws it from torch's global generator; seeding
 that right before ``cfm.inference`` gives the same values), or ``noise`` when given.
@@ -50,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import bigvgan, campplus, front_ends, gpt, matrices, s2mel, semantic_codec, text, w2v_bert
-from .generate import Decoding, cut_at_stop, generate, prompt_2_0
+from .generate import Decoding, codebook_problem, cut_at_stop, generate, prompt_2_0
 from .load import load
 
 # Every trace key of an IndexTTS-2.0 synthesis, in the order the steps run.
@@ -65,6 +68,9 @@ TRACE_2_0 = (
     "mel.noise", "mel.mel", "mel.target", "waveform.wav",
 )
 FILES_2_0 = ("gpt", "s2mel", "w2v-bert", "semantic-codec", "campplus", "bigvgan", "speaker-matrix", "emotion-matrix")
+# 2.5 writes the same kinds (its semantic-codec is the decoder, schema semantic-codec@2.5); the flow runs all
+# but s2mel's gpt_layer, the matrices for an explicit emotion vector.
+FILES = {"2.0": FILES_2_0, "2.5": FILES_2_0}
 
 
 class PipelineError(ValueError):
@@ -102,17 +108,18 @@ def open_bundle(path: str, device: str = "cpu") -> Bundle:
     with open(mf) as f:
         manifest = json.load(f)
     version = manifest.get("family_version", "2.0")
-    if version != "2.0":
-        raise PipelineError(f"{path}: an IndexTTS-{version} bundle; the reference pipeline runs IndexTTS-2.0 bundles only")
+    if version not in FILES:
+        raise PipelineError(f"{path}: an IndexTTS-{version} bundle; the reference pipeline runs IndexTTS-2.0 and 2.5 bundles only")
     if "pipeline" not in manifest:
         raise PipelineError(f"{path}: manifest.json has no pipeline section; convert the release again")
     names = {k: v for k, v in manifest.get("files", {}).items()}
     by_kind = {rec.get("model"): name for name, rec in names.items()}
-    missing = [k for k in FILES_2_0 if k not in by_kind or not os.path.isfile(os.path.join(path, by_kind[k]))]
+    kinds = FILES[version]
+    missing = [k for k in kinds if k not in by_kind or not os.path.isfile(os.path.join(path, by_kind[k]))]
     if missing:
         shown = ", ".join(f"{by_kind.get(k, k + ' (not in manifest.json)')}" for k in missing)
         raise PipelineError(f"{path}: the bundle lacks {shown}, which the flow needs")
-    files = load([os.path.join(path, by_kind[k]) for k in FILES_2_0], device)
+    files = load([os.path.join(path, by_kind[k]) for k in kinds], device)
     files = {k: w.float() for k, w in files.items()}
     for k, w in files.items():
         if w.metadata.get("family_version", "2.0") != version:
@@ -132,6 +139,37 @@ def _check_chain(b: Bundle) -> None:
          f"campplus feat_dim {cam['feat_dim']} != the {fe['campplus_fbank']['num_mel_bins']}-bin fbank infer_v2 feeds it"),
         (w2v["feature_projection_input_dim"] == feat_in,
          f"w2v-bert input width {w2v['feature_projection_input_dim']} != the SeamlessM4T features' {feat_in}"),
+    ]
+    if b.version == "2.5":
+        rules += _rules_2_5(g, s2, w2v, codec, cam)
+    else:
+        rules += _rules_2_0(g, s2, w2v, codec)
+    bad = [why for ok, why in rules if not ok]
+    if bad:
+        raise PipelineError(f"{b.path}: the files do not chain end to end ({'; '.join(bad)}); this bundle can be "
+                            "loaded model by model but cannot synthesise")
+
+
+def _rules_2_5(g, s2, w2v, codec, cam) -> list:
+    """infer_v2_5: the features feed the emotion encoder and, unquantized, the length
+    regulator; the decoded codes feed the length regulator; the style feeds spk_emb_proj."""
+    lr_in = s2["length_regulator_in_channels"]
+    return [
+        (g.get("speaker_conditioning") == "campplus",
+         f"gpt speaker_conditioning {g.get('speaker_conditioning')!r}: an IndexTTS-2.5 GPT conditions on the CAMPPlus style"),
+        (w2v["hidden_size"] == g["emo_conditioning_encoder"]["input_size"],
+         f"w2v-bert hidden_size {w2v['hidden_size']} != gpt emotion conditioning input {g['emo_conditioning_encoder']['input_size']}"),
+        (w2v["hidden_size"] == lr_in,
+         f"w2v-bert hidden_size {w2v['hidden_size']} != s2mel length regulator input {lr_in} (the prompt condition)"),
+        (codec["hidden_size"] == lr_in,
+         f"semantic-codec hidden_size {codec['hidden_size']} != s2mel length regulator input {lr_in} (the decoded codes)"),
+        (cam["embedding_size"] == g.get("speaker_embedding_dim"),
+         f"campplus embedding_size {cam['embedding_size']} != gpt speaker_embedding_dim {g.get('speaker_embedding_dim')}"),
+    ]
+
+
+def _rules_2_0(g, s2, w2v, codec) -> list:
+    return [
         (w2v["hidden_size"] == g["conditioning_encoder"]["input_size"],
          f"w2v-bert hidden_size {w2v['hidden_size']} != gpt conditioning input {g['conditioning_encoder']['input_size']}"),
         (g["model_dim"] == s2["gpt_layer_dims"][0],
@@ -140,10 +178,6 @@ def _check_chain(b: Bundle) -> None:
          f"s2mel gpt_layer output {s2['gpt_layer_dims'][-1]}, codec hidden_size {codec['hidden_size']} and "
          f"length regulator input {s2['length_regulator_in_channels']} differ"),
     ]
-    bad = [why for ok, why in rules if not ok]
-    if bad:
-        raise PipelineError(f"{b.path}: the files do not chain end to end ({'; '.join(bad)}); this bundle can be "
-                            "loaded model by model but cannot synthesise")
 
 
 @dataclass
@@ -180,14 +214,31 @@ def normalize_emotion_vector(weights: list[float], inf: dict) -> list[float]:
     return v
 
 
-def synthesize(bundle, text_in: str, prompt_audio, *, emotion_prompt=None, emotion_alpha: float = 1.0,
-               emotion_vector: list[float] | None = None, normalize_emotion: bool = True,
+def synthesize(bundle, text_in: str, prompt_audio, *, lang: str | None = None, emotion_prompt=None,
+               emotion_alpha: float = 1.0, emotion_vector: list[float] | None = None, normalize_emotion: bool = True,
                max_codes: int | None = None, greedy: bool = False, seed: int = 0,
                noise: torch.Tensor | None = None, device: str = "cpu", progress=None) -> Result:
     """Run the whole flow (see the module docstring).  ``bundle`` is a folder or a
     :class:`Bundle`; ``prompt_audio`` and ``emotion_prompt`` are WAV paths or
-    ``(samples, rate)``.  ``progress(step)`` is called as each stage starts."""
+    ``(samples, rate)``.  ``progress(step)`` is called as each stage starts.
+    ``lang``: the text's language, required for an IndexTTS-2.5 bundle (one of its
+    manifest's ``tokens.languages``) and refused for 2.0.  ``normalize_emotion``
+    applies 2.0's ``normalize_emo_vec`` to ``emotion_vector``; IndexTTS-2.5 has none
+    (its manifest says so), and there the vector is used as given."""
     b = bundle if isinstance(bundle, Bundle) else open_bundle(str(bundle), device)
+    if b.version == "2.5":
+        from .pipeline_2_5 import run_2_5
+
+        if lang is None:
+            raise PipelineError(f"an IndexTTS-2.5 bundle needs lang, the text's language (one of "
+                                f"{', '.join(b.pipeline['tokens']['languages'])})")
+        with torch.inference_mode():
+            return run_2_5(b, text_in, lang, prompt_audio, emotion_prompt=emotion_prompt, emotion_alpha=emotion_alpha,
+                           emotion_vector=emotion_vector, max_codes=max_codes, greedy=greedy, seed=seed, noise=noise,
+                           progress=progress)
+    if lang is not None:
+        raise PipelineError(f"lang={lang!r}: IndexTTS-2.0 bundles take no language (their tokenizer has none); "
+                            "lang is for IndexTTS-2.5 bundles")
     with torch.inference_mode():
         return _run(b, text_in, prompt_audio, emotion_prompt, emotion_alpha, emotion_vector, normalize_emotion,
                     max_codes, greedy, seed, noise, progress or (lambda step: None))
@@ -266,6 +317,9 @@ def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, n
     codes = cut_at_stop(raw, w["gpt"].config["stop_mel_token"])
     if codes.shape[1] == 0:
         raise PipelineError("the GPT stopped before its first code; there is nothing to synthesise (try another seed)")
+    problem = codebook_problem(codes, w["semantic-codec"].config["codebook_size"])
+    if problem:
+        raise PipelineError(problem)
     tr["codes.codes"] = codes
     n = torch.tensor([codes.shape[1]], dtype=torch.int64, device=dev)
 
@@ -311,11 +365,13 @@ def trace_metadata(b: Bundle, r: Result) -> dict[str, str]:
     """The metadata of a trace file: the options, the step order, and the sha256 of every
     bundle file used (as ``manifest.json`` records them)."""
     from . import REFERENCE_VERSION
+    from .pipeline_2_5 import TRACE_2_5
 
-    used = {name: rec["sha256"] for name, rec in sorted(b.manifest["files"].items()) if rec.get("model") in FILES_2_0}
+    used = {name: rec["sha256"] for name, rec in sorted(b.manifest["files"].items()) if rec.get("model") in FILES[b.version]}
     used[b.manifest["bundle"]["tokenizer"]["path"]] = next(iter(b.manifest["bundle"]["tokenizer"]["files"].values()))["sha256"]
+    order = TRACE_2_5 if b.version == "2.5" else TRACE_2_0
     return {"schema": TRACE_SCHEMA, "family_version": b.version, "reference_version": REFERENCE_VERSION,
-            "options": json.dumps(r.options, sort_keys=True), "steps": json.dumps([k for k in TRACE_2_0 if k in r.trace]),
+            "options": json.dumps(r.options, sort_keys=True), "steps": json.dumps([k for k in order if k in r.trace]),
             "files_sha256": json.dumps(used, sort_keys=True), "sample_rate": str(r.sample_rate)}
 
 

@@ -6,9 +6,7 @@ every other intermediate within 1e-4 of its scale (max |diff| <= 1e-4 * max |ups
 
 One test per release version: each builds its fixture (the w2v-bert at 1024 x 17 layers
 is ~124M parameters, 0.5 GB), so keeping all checks of a version in one test keeps two
-pytest workers from building the same fixture twice.  The 2.5 comparison runs once
-``reference.pipeline`` accepts 2.5 bundles (until then the upstream trace is checked
-alone).
+pytest workers from building the same fixture twice.
 """
 
 from __future__ import annotations
@@ -299,10 +297,10 @@ def _sensitivity(pipeline, bundle: str, prompt: str, tr: dict) -> None:
     assert not unseen, f"the comparison does not see: {unseen}"
 
 
-def test_end_to_end_2_5(chain_2_5, record_property):
+def test_end_to_end_2_5(chain_2_5, record_property, tmp_path):
     """IndexTTS-2.5: infer_v2_5's own inference on the chained release (text
-    normalisation off), every intermediate recorded and consistent; the reference
-    pipeline's trace equal to it once the reference runs 2.5 bundles."""
+    normalisation off), every intermediate recorded and consistent; the emotion-vector
+    and emotion-prompt paths; and the reference pipeline's trace equal to all three."""
     c = chain_2_5
     iv = e2e.infer_v2_5()
     with open(os.path.join(c.release, "config.yaml")) as f:
@@ -335,16 +333,103 @@ def test_end_to_end_2_5(chain_2_5, record_property):
     _shape(tr, "target_condition.cond", 1, t_target, 16)
     _diffusion_and_waveform(tr, t_mel, t_target, pcm=True)
 
-    seconds = {**c.seconds, "load": t1 - t0, "run": t2 - t1}
+    # an explicit emotion vector, alpha 0.6 (2.5 has no normalize_emo_vec): the conditioning caches reused
+    t3 = time.perf_counter()
+    tv = e2e.run_upstream_2_5(c.release, c.prompt, TEXT_2_5, lang="en", emo_vector=EMO_VECTOR, emo_alpha=EMO_ALPHA,
+                              max_codes=MAX_CODES, tts=tts, fresh=False)
+    t4 = time.perf_counter()
+    assert "semantic_features.feature" not in tv and set(e2e.EMO_VECTOR_KEYS) <= set(tv)
+    scaled = [int(x * EMO_ALPHA * 10000) / 10000 for x in EMO_VECTOR]  # infer_generator's alpha scaling
+    mix = _emotion_mix(c.release, {**tr, **tv}, scaled, cfg["emo_num"])
+    torch.testing.assert_close(tv["emotion_vector.emovec"], mix, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(tv["emotion_vector.emovec"], tr["emotion_vector.emovec"])
+    # an emotion prompt (another voice), alpha 0.6: merge_emovec blends the two
+    emo_wav = chain.write_prompt_wav(tmp_path / "emotion.wav", PROMPT_S, seed=1)
+    te = e2e.run_upstream_2_5(c.release, c.prompt, TEXT_2_5, lang="en", emo_wav_path=emo_wav, emo_alpha=EMO_ALPHA,
+                              max_codes=MAX_CODES, tts=tts, fresh=False)
+    assert "emotion_features.feature" in te and not torch.allclose(te["emotion_vector.emovec"], tr["emotion_vector.emovec"])
+
+    seconds = {**c.seconds, "load": t1 - t0, "run": t2 - t1, "run_emotion_vector": t4 - t3}
     pipeline = _reference()
-    ref = _synthesize(pipeline, c.bundle, TEXT_2_5, c.prompt, lang="en") if pipeline is not None else None
-    if ref is not None:
-        ref = dict(ref)
-        if "waveform.wav" in ref and ref["waveform.wav"].abs().max() <= 1:  # a [-1, 1] waveform: upstream's PCM scale
-            ref["waveform.wav"] = (32767 * ref["waveform.wav"]).clamp(-32767, 32767)
+    if pipeline is not None:
+        t5 = time.perf_counter()
+        ref = _synthesize(pipeline, c.bundle, TEXT_2_5, c.prompt, lang="en")
+        t6 = time.perf_counter()
+        assert ref is not None
         assert set(ref) <= set(tr), f"reference keys upstream does not record: {sorted(set(ref) - set(tr))}"
-        _compare(tr, ref, e2e.KEYS_2_5)
+        rel = _compare(tr, _pcm_scale(ref), e2e.KEYS_2_5)
+        ref_v = _synthesize(pipeline, c.bundle, TEXT_2_5, c.prompt, lang="en", emotion_vector=EMO_VECTOR,
+                            emotion_alpha=EMO_ALPHA)
+        assert set(e2e.EMO_VECTOR_KEYS) <= set(ref_v)
+        _compare(tv, _pcm_scale(ref_v), e2e.KEYS_2_5 + e2e.EMO_VECTOR_KEYS)
+        ref_e = _synthesize(pipeline, c.bundle, TEXT_2_5, c.prompt, lang="en", emotion_prompt=emo_wav,
+                            emotion_alpha=EMO_ALPHA)
+        _compare(te, _pcm_scale(ref_e), e2e.KEYS_2_5)
+        seconds["reference"] = t6 - t5
+        record_property("relative_difference", {k: float(f"{v:.3g}") for k, v in rel.items()})
+        _sensitivity_2_5(pipeline, c.bundle, c.prompt, tr)
+        _cli_2_5(c, tmp_path)
     record_property("seconds", {k: round(v, 2) for k, v in seconds.items()})
+
+
+def _pcm_scale(ref: dict) -> dict:
+    """The reference's [-1, 1] waveform at upstream's PCM scale (infer_v2_5 returns clamp(32767 * wav, +-32767))."""
+    ref = dict(ref)
+    if "waveform.wav" in ref and ref["waveform.wav"].abs().max() <= 1:
+        ref["waveform.wav"] = (32767 * ref["waveform.wav"]).clamp(-32767, 32767)
+    return ref
+
+
+def _drop_startoftranscript(b) -> None:
+    specials = b.pipeline["tokens"]["tokenizer"]["special_tokens"]
+    specials.remove("<|startoftranscript|>")
+    specials.append("<|startoftranscript|>")
+
+
+# 2.5's glue that ports get wrong, each changed in the reference's copy of the bundle.
+WRONG_GLUE_2_5 = {
+    "frames per decoded frame 1.72 -> 1.6":
+        lambda b: b.pipeline["inference"].__setitem__("mel_frames_per_decoded_frame", 1.6),
+    "language id: the row after en's": lambda b: b.pipeline["tokens"]["languages"].insert(0, "xx"),
+    "special token order (the <|lang|> ids shift)": _drop_startoftranscript,
+}
+
+
+def _cli_2_5(c: Chain, tmp_path) -> None:
+    """``python -m reference synthesize`` passes --lang through for a 2.5 bundle; a missing,
+    unknown or unsupported language gets one error line and no output."""
+    import wave
+
+    out = tmp_path / "a.wav"
+    rc, err = _cli("synthesize", c.bundle, "--text", TEXT_2_5, "--prompt", c.prompt, "--lang", "EN", "--out", out,
+                   "--max-codes", 3, "--greedy")
+    assert rc == 0, err
+    with wave.open(str(out)) as f:
+        assert (f.getnchannels(), f.getsampwidth(), f.getframerate()) == (1, 2, 22050) and f.getnframes() > 0
+    for args, needle in (((), "needs lang"), (("--lang", "xx"), "'xx' is not a language of this bundle; it has en, zh"),
+                         (("--lang", "ja"), "lang 'ja': infer_v2_5 splits Japanese")):
+        bad = tmp_path / "bad.wav"
+        rc, err = _cli("synthesize", c.bundle, "--text", TEXT_2_5, "--prompt", c.prompt, "--out", bad, "--max-codes", 2, *args)
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (args, err)
+        assert not bad.exists()
+
+
+def _sensitivity_2_5(pipeline, bundle: str, prompt: str, tr: dict) -> None:
+    unseen = []
+    for what, spoil in WRONG_GLUE_2_5.items():
+        b = pipeline.open_bundle(bundle)
+        spoil(b)
+        try:
+            ref = _synthesize(pipeline, b, TEXT_2_5, prompt, lang="en")
+        except (RuntimeError, ValueError):
+            continue
+        try:
+            _compare(tr, _pcm_scale(ref), e2e.KEYS_2_5)
+            unseen.append(what)
+        except AssertionError as e:
+            assert "reference differs from upstream" in str(e)
+    assert not unseen, f"the comparison does not see: {unseen}"
 
 
 # ------------------------------------------------------------------ 2.5's own front ends
@@ -375,6 +460,103 @@ def test_2_5_front_ends_equal_torchaudio():
         side["compliance.kaldi"].fbank(x16[:, :300], num_mel_bins=80, dither=0, sample_frequency=16000)
     with pytest.raises(RuntimeError):
         common.kaldi_fbank(x16[:, :300], num_mel_bins=80, sample_frequency=16000)
+
+
+# Texts for the 2.5 text front end: punctuation infer_v2_5 maps (twice, except for es and ja),
+# ':' (not kept with normalisation off), case by language, pronunciation annotations, typed
+# special tokens, a language past the first 99 (no <|lang|> token) and zhen.
+TEXTS_2_5 = (
+    ("Hello, World: 14:30 (test) [x] \"q\" ... ,,, ~ \u2014 end!", "en"),
+    ("\u4f60\u597d\uff0c\u4e16\u754c\uff1a\u6d4b\u8bd5\u3002\u3002\u3002\uff0c\uff0c\uff0c\uff01", "zh"),
+    ("\u00bfC\u00f3mo est\u00e1s? Bien: gracias... \uff0c\uff0c\uff0c", "es"),
+    ("\uff0c\uff0c\uff0ca\u2026\u2026", "EN"),
+    ("I am <going|g ow1 . ih0 ng> home <\u884c|xing2> <x|\u30ab\u30bf\u30ab\u30ca> <y|\u304b\u306a>", "en"),
+    ("<|special_token_1|>abc<|SPECIAL_TOKEN_1|> <|en|> <|0.02|>", "en"),
+    ("Bonjour: le monde!\nLigne", "fr"),
+    ("mixed \u4e2d\u6587 Text", "zhen"),
+    ("Cantonese TEXT", "yue"),
+)
+
+
+def test_2_5_text_equals_upstream(tmp_path):
+    """reference.text's 2.5 tokenizer (every constant from the manifest's tokens.tokenizer)
+    against infer_v2_5's own _prepare_text(text_normalization=False), prefix and
+    get_encoding on the demo release's tiktoken file: the same ids and language id;
+    unknown languages and ja refused in one line naming them."""
+    import json
+
+    from converters.forward import indextts25
+    from reference import pipeline, pipeline_2_5
+
+    iv = e2e.infer_v2_5()
+    front = indextts25("utils.front")
+    release = os.path.join(os.path.dirname(__file__), "..", "demo", "release-2.5")
+    bundle = tmp_path / "b"
+    run_cli("all", "--src", release, "--out", bundle, "--quiet")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    b = pipeline.Bundle(str(bundle), manifest, {}, "2.5")
+    spec = manifest["pipeline"]["tokens"]["tokenizer"]
+    up = object.__new__(iv.IndexTTS2)
+    up.text_process = front.TextNormalizer(enable_glossary=True)
+    enc = iv.get_encoding("multilingual_zh_ja_yue_char_del", model_dir=str(bundle))
+    from reference import text
+
+    for src, lang in TEXTS_2_5:
+        want = enc.encode(f"<|{lang.lower()}|> " + iv.IndexTTS2._prepare_text(up, src, lang, text_normalization=False),
+                          allowed_special="all")
+        got = text.tiktoken_ids(b.tokenizer_path(), spec, src, lang, budget=10_000)
+        assert got == want, (src, lang)
+        assert pipeline_2_5.language(b, lang)[1] == iv.lang_to_token(lang), lang
+    for lang, needle in (("xx", "'xx' is not a language of this bundle; it has en, zh, de"), ("ja", "'ja'")):
+        with pytest.raises(pipeline.PipelineError, match=needle) as e:
+            pipeline_2_5.language(b, lang)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="lang='xx'"):
+        list(iv.IndexTTS2.infer_generator(up, None, "text", None, "xx"))  # upstream refuses it too
+
+
+def test_2_5_generation_keeps_the_start_text_token(tmp_path):
+    """reference.generate.prompt_2_5 and greedy generation against the 2.5 GPT's own
+    prepare_gpt_inputs and inference_speech (greedy, one beam) on text ids holding
+    start_text_token (0, an ordinary character in 2.5's vocabulary: kept) and
+    stop_text_token (1: removed, the prompt left-padded and masked): the same prompt
+    embeddings, mask and codes."""
+    from converters import forward
+    from reference import generate as gen
+    from reference import gpt as ref_gpt
+    from tests.helpers import convert_in_process, reference_load
+    from tests.upstream import gpt25
+
+    cfg = gpt25.config(max_mel_tokens=40, number_mel_codes=18)
+    m = gpt25.build(cfg, seed=5)
+    with torch.no_grad():  # a sharper mel head, as tests/test_reference_generate.py: codes that vary
+        m.mel_head.weight.mul_(4)
+    src = gpt25.save_release(m, str(tmp_path / "release"), cfg)
+    w = reference_load(convert_in_process("gpt", src, tmp_path / "gpt.safetensors"))
+    m = forward.gpt_2_5_model(src, cfg)
+    g = torch.Generator().manual_seed(0)
+    style = torch.randn(1, w.config["speaker_embedding_dim"], generator=g)
+    emovec = torch.randn(1, w.config["model_dim"], generator=g)
+    text = torch.tensor([[5, 0, 7, 1, 9, 0]])
+    lang = torch.tensor([3])
+    with torch.no_grad():
+        conds = torch.cat([m.spk_emb_proj(style).unsqueeze(1) + emovec.unsqueeze(1), torch.zeros(1, 2, cfg["model_dim"])], 1)
+        _, embeds, mask = m.prepare_gpt_inputs(conds, text, lang)
+        want = m.inference_speech(text, lang, emovec, style, max_generate_length=12, do_sample=False, num_beams=1,
+                                  repetition_penalty=10.0, length_penalty=0.0)
+    p = gen.prompt_2_5(w, ref_gpt.speaker_conditioning(w, style), emovec, text, int(lang))
+    torch.testing.assert_close(p.embeddings, embeds, rtol=0, atol=1e-6)
+    assert torch.equal(p.valid, mask[:, :-1].bool()) and int((~p.valid).sum()) == 1  # one stop removed: one pad row
+    got = gen.generate(w, p, 12, gen.Decoding(greedy=True))
+    assert got.tolist() == want.tolist() and len(set(got[0].tolist())) > 2
+    # seeded sampling, one beam: the same draws from a generator seeded as torch's global one
+    torch.manual_seed(77)
+    with torch.no_grad():
+        want = m.inference_speech(text, lang, emovec, style, max_generate_length=30, do_sample=True, top_k=30, top_p=0.8,
+                                  temperature=0.8, num_beams=1, repetition_penalty=10.0, length_penalty=0.0)
+    got = gen.generate(w, p, 30, gen.Decoding(greedy=False), torch.Generator().manual_seed(77))
+    assert got.shape[1] > 3 and got.tolist() == want[:, : got.shape[1]].tolist()
+    assert (want[:, got.shape[1]:] == cfg["stop_mel_token"]).all()
 
 
 # ------------------------------------------------------------------ python -m reference synthesize
@@ -447,6 +629,7 @@ def test_synthesize_cli_refuses_bad_input_in_one_line(chain_2_0, tmp_path):
         "short emotion prompt": ((c.bundle, "--text", TEXT_2_0, "--prompt", c.prompt, "--emotion-prompt", short), "emotion prompt"),
         "bad emotion vector": ((c.bundle, "--text", TEXT_2_0, "--prompt", c.prompt, "--emotion-vector", "0.1,0.2"), "8 emotions"),
         "a missing file": ((partial, "--text", TEXT_2_0, "--prompt", c.prompt), "s2mel.safetensors"),
+        "a language for 2.0": ((c.bundle, "--text", TEXT_2_0, "--prompt", c.prompt, "--lang", "en"), "IndexTTS-2.0 bundles take no language"),
         "not a bundle": ((tmp_path, "--text", TEXT_2_0, "--prompt", c.prompt), "manifest.json"),
     }
     for what, (args, needle) in cases.items():

@@ -246,14 +246,22 @@ def test_verify_passes_and_catches_a_changed_value(release, tmp_path):
 
 
 def test_make_convert_default_runs_on_the_demo(tmp_path):
-    """The README's first command: the demo release converts and checks from a clean folder."""
+    """The README's set-up: `make convert` builds the chained demo and converts it, the
+    bundle checks, and the README's synthesize command writes a WAV from it."""
     import subprocess
+    import wave
 
     out = tmp_path / "canonical"
     py = os.path.join(ROOT, ".venv", "bin", "python")
     subprocess.run(["make", "-s", "convert", f"OUT={out}", f"PYTHON={py}"], cwd=ROOT, check=True, capture_output=True)
     subprocess.run(["make", "-s", "check", f"OUT={out}"], cwd=ROOT, check=True, capture_output=True)
     assert sorted(os.listdir(out)) == sorted(OUTS + COPIED + ["manifest.json"])
+    wav = tmp_path / "out.wav"
+    subprocess.run([py, "-m", "reference", "synthesize", out, "--text", "CAB BAD DAB FACE", "--prompt",
+                    os.path.join(ROOT, "demo", "chain", "prompt.wav"), "--out", wav, "--greedy", "--max-codes", "20"],
+                   cwd=ROOT, check=True, capture_output=True)
+    with wave.open(str(wav)) as w:
+        assert w.getframerate() == 22050 and w.getnframes() > 0
 
 
 def test_verify_every_demo_output(release, tmp_path):

@@ -1,0 +1,235 @@
+"""Speech from an IndexTTS-2.5 bundle alone: every step of its ``manifest.json``
+``pipeline.flow`` (``flow_2_5``), as upstream's ``infer_v2_5.IndexTTS2.infer_generator``
+runs them with ``text_normalization=False`` on one segment.
+
+:func:`run_2_5` is what :func:`reference.pipeline.synthesize` calls for a bundle whose
+``family_version`` is 2.5; it returns the same :class:`~reference.pipeline.Result`,
+with trace keys ``<step>.<output>`` named after the manifest's steps (:data:`TRACE_2_5`).
+Every constant comes from the manifest (``pipeline.inference``, ``pipeline.tokens``,
+``pipeline.front_ends``) or a canonical file's config.
+
+The flow, with where it differs from 2.0 (:mod:`reference.pipeline`) and what a port
+gets wrong:
+
+1. ``prompt``: the speaker prompt read as ``librosa.load`` at 22.05 kHz, cut to 15 s,
+   resampled to 16 kHz (torchaudio's sinc ``Resample``; 2.5's own ``resample`` is the
+   same bit for bit).  The mel prompt is of the 22.05 kHz audio itself.
+2. ``semantic_features`` (w2v-bert, ``hidden_states[17]`` normalised), ``reference_mel``,
+   ``style`` (CAMPPlus on the mean-subtracted Kaldi fbank) as in 2.0; but
+   ``prompt_condition`` is the length regulator on the *features themselves*: 2.5 does
+   not quantize them (there is no ``semantic_codes`` step).
+3. ``emotion_vector``: ``merge_emovec`` with the feature width as lengths, as 2.0; an
+   explicit emotion vector is scaled by ``alpha`` (4 decimals) but never normalised:
+   2.5 has no ``normalize_emo_vec``.
+4. ``speech_conditioning``: ``spk_emb_proj(style)``, one latent (2.0 runs a Conformer
+   and a Perceiver on the features).
+5. ``text``: the tiktoken encoding of ``<|lang|> `` + the prepared text
+   (:mod:`reference.text`), and the language id (the ``lang_embedding`` row added to
+   every text position).  Only ``stop_text_token`` ids are removed from the text (the
+   start token is the character ``!`` in the real vocabulary).
+6. ``codes``: generation from ``[conditioning + emovec, 0, 0, text]``
+   (:func:`reference.generate.prompt_2_5`), cut at the first stop code.  There is no
+   teacher-forced pass: the GPT's latents are not used, nor s2mel's ``gpt_layer``.
+7. ``code_features``: the 2.5 codec's ``decode`` (two frames per code);
+   ``target_condition``: the length regulator to ``int(S_infer.shape[1] * 1.72 *
+   duration_factor)`` frames, in Python floats (2.0: a float32 product of the code count).
+8. ``mel``: the CFM sampler on ``cat(prompt_condition, cond)``, as 2.0; ``waveform``:
+   BigVGAN.  Upstream returns ``clamp(32767 * wav, -32767, 32767)`` (PCM scale); the
+   result here is the same waveform in [-1, 1] (``clamp(wav, -1, 1)``), which
+   :func:`reference.trace.pcm16` writes as upstream's ``save_pcm_wav`` does.
+
+Noise and sampling as in 2.0: the CFM noise from a CPU generator seeded with ``seed``
+(or ``noise``), sampling from a second one seeded with ``seed``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import bigvgan, campplus, front_ends, gpt, matrices, s2mel, semantic_codec, text
+from .generate import Decoding, codebook_problem, cut_at_stop, generate, prompt_2_5
+from .pipeline import Bundle, PipelineError, Result, _audio, _check_length, _emotion_weights, _features
+
+# Every trace key of an IndexTTS-2.5 synthesis, in the order the steps run
+# (``emotion_vector.index`` only with an explicit emotion vector).
+TRACE_2_5 = (
+    "prompt.audio_22k", "prompt.audio_16k",
+    "semantic_features.input_features", "semantic_features.attention_mask", "semantic_features.feature",
+    "reference_mel.ref_mel", "style.fbank", "style.style",
+    "prompt_condition.ylens", "prompt_condition.prompt_condition",
+    "emotion_features.audio_16k", "emotion_features.input_features", "emotion_features.attention_mask",
+    "emotion_features.feature",
+    "emotion_vector.merge_emovec", "emotion_vector.index", "emotion_vector.emovec",
+    "speech_conditioning.conditioning",
+    "text.ids", "text.lang",
+    "codes.raw", "codes.logits", "codes.codes",
+    "code_features.S_infer",
+    "target_condition.ylens", "target_condition.cond",
+    "mel.cat_condition", "mel.x_lens", "mel.noise", "mel.mel", "mel.target",
+    "waveform.bigvgan", "waveform.wav",
+)
+
+
+def language(b: Bundle, lang: str) -> tuple[str, int]:
+    """(the language as upstream writes it, its ``lang_embedding`` row), or a one-line
+    :class:`PipelineError` naming it and listing the bundle's languages (or saying why
+    the reference cannot prepare its text: ``tokens.tokenizer.unsupported_languages``)."""
+    tok = b.pipeline["tokens"]
+    spec, names = tok["tokenizer"], tok["languages"]
+    extra = spec.get("extra_languages", {})
+    name = lang.lower() if isinstance(lang, str) else lang
+    if name in spec.get("unsupported_languages", {}):
+        raise PipelineError(f"lang {lang!r}: {spec['unsupported_languages'][name]}; the reference does not do this")
+    if name in names:
+        return name, names.index(name)
+    if name in extra:
+        return name, names.index(extra[name])
+    shown = ", ".join(list(names) + list(extra))
+    raise PipelineError(f"lang {lang!r} is not a language of this bundle; it has {shown}")
+
+
+def _token_ids(b: Bundle, text_in, lang: str) -> list[int]:
+    if not isinstance(text_in, str) or not text_in.strip():
+        raise PipelineError("the text is empty")
+    spec = b.pipeline["tokens"]["tokenizer"]
+    inf = b.pipeline["inference"]
+    path = b.tokenizer_path()
+    try:
+        budget = max(1, min(inf["max_text_tokens_per_segment"], b.files["gpt"].config["max_text_tokens"])
+                     - text.tiktoken_prefix_length(path, spec, lang))
+        ids = text.tiktoken_ids(path, spec, text_in, lang, budget)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    rows = b.files["gpt"]["text_embedding.weight"].shape[0]
+    if max(ids) >= rows:
+        raise PipelineError(f"the tokenizer gave id {max(ids)}; the GPT's text embedding has {rows} rows (a tokenizer "
+                            "of another release?)")
+    return ids
+
+
+def run_2_5(b: Bundle, text_in: str, lang: str, prompt_audio, *, emotion_prompt=None, emotion_alpha: float = 1.0,
+            emotion_vector: list[float] | None = None, max_codes: int | None = None, greedy: bool = False,
+            seed: int = 0, noise: torch.Tensor | None = None, progress=None) -> Result:
+    """The 2.5 flow (module docstring); arguments as :func:`reference.pipeline.synthesize`."""
+    if b.version != "2.5":
+        raise PipelineError(f"{b.path}: an IndexTTS-{b.version} bundle; run_2_5 runs IndexTTS-2.5 bundles")
+    progress = progress or (lambda step: None)
+    p, w = b.pipeline, b.files
+    fe, inf, rates = p["front_ends"], p["inference"], p["sample_rates"]
+    dev = w["gpt"]["mel_head.weight"].device
+    tr: dict[str, torch.Tensor] = {}
+    gen = inf["generation"]
+    decoding = Decoding(greedy=greedy, temperature=gen["temperature"], top_k=gen["top_k"], top_p=gen["top_p"],
+                        repetition_penalty=gen["repetition_penalty"], num_beams=1)
+    max_codes = max_codes if max_codes is not None else gen["max_mel_tokens"]
+    cap_s = inf["max_reference_audio_s"]
+    alpha = emotion_alpha
+
+    lang, lang_id = language(b, lang)
+    ids = _token_ids(b, text_in, lang)
+
+    progress("prompt")
+    samples, sr = _audio(prompt_audio, "speaker prompt")
+    sem_hz = rates["semantic_features_hz"]
+    rs = fe["resampling"]
+    spk_hz = rs["prompt_load"]["speaker_prompt_hz"]
+    a22 = front_ends.cut(front_ends.load_prompt(samples, sr, spk_hz, rs["prompt_load"]), cap_s, spk_hz)
+    _check_length(a22, spk_hz, inf, "speaker prompt")
+    a16 = front_ends.resample(a22, spk_hz, sem_hz, rs["sinc"])
+    tr["prompt.audio_22k"], tr["prompt.audio_16k"] = a22, a16  # the mel is of a22 itself (inference.speaker_prompt)
+    a22, a16 = a22.to(dev), a16.to(dev)
+
+    progress("semantic_features")
+    spk = _features(w, fe, a16, tr, "semantic_features")
+    progress("reference_mel")
+    ref_mel = front_ends.s2mel_mel(a22, fe["s2mel_mel"])
+    tr["reference_mel.ref_mel"] = ref_mel
+    progress("style")
+    fbank = front_ends.campplus_fbank(a16, fe["campplus_fbank"])
+    style = campplus.embed(w["campplus"], fbank.unsqueeze(0))
+    tr["style.fbank"], tr["style.style"] = fbank.unsqueeze(0), style
+    progress("prompt_condition")
+    ylens = torch.tensor([ref_mel.shape[-1]], dtype=torch.int64, device=dev)
+    prompt_cond = s2mel.length_regulator(w["s2mel"], spk, ylens)  # the features, not quantized
+    tr["prompt_condition.ylens"], tr["prompt_condition.prompt_condition"] = ylens, prompt_cond
+
+    progress("emotion_vector")
+    weights = None
+    if emotion_vector is not None:
+        # 2.5 has no normalize_emo_vec (inference.emotion_vector_normalization is null): alpha scaling only
+        weights = _emotion_weights(emotion_vector, alpha, False, inf, w["emotion-matrix"].config["emo_num"])
+        emotion_prompt = None
+    if emotion_prompt is None:
+        emotion_prompt, alpha = prompt_audio, 1.0
+    e_samples, e_sr = _audio(emotion_prompt, "emotion prompt")
+    emo_hz = rs["prompt_load"]["emotion_prompt_hz"]
+    e16 = front_ends.cut(front_ends.load_prompt(e_samples, e_sr, emo_hz, rs["prompt_load"]), cap_s, emo_hz)
+    _check_length(e16, emo_hz, inf, "emotion prompt")
+    tr["emotion_features.audio_16k"] = e16
+    emo = _features(w, fe, e16.to(dev), tr, "emotion_features")
+    width = lambda x: torch.tensor([x.shape[-1]], device=dev)  # noqa: E731 - the feature width, as infer_v2_5 passes it
+    emovec = gpt.merge_emovec(w["gpt"], spk.transpose(1, 2), emo.transpose(1, 2), width(spk), width(emo), alpha)
+    tr["emotion_vector.merge_emovec"] = emovec
+    if weights is not None:
+        wv = torch.tensor(weights, dtype=torch.float32, device=dev)
+        index = matrices.select_rows(w["speaker-matrix"], style)
+        tr["emotion_vector.index"] = index
+        emovec = matrices.mix(w["emotion-matrix"], index, wv) + (1 - torch.sum(wv)) * emovec
+    tr["emotion_vector.emovec"] = emovec
+
+    progress("speech_conditioning")
+    cond = gpt.speaker_conditioning(w["gpt"], style)
+    tr["speech_conditioning.conditioning"] = cond
+
+    progress("codes")
+    text_ids = torch.tensor([ids], dtype=torch.int64, device=dev)
+    tr["text.ids"] = text_ids
+    tr["text.lang"] = torch.tensor([lang_id], dtype=torch.int64, device=dev)
+    sampler = torch.Generator().manual_seed(seed)
+    acts: dict[str, torch.Tensor] = {}
+    raw = generate(w["gpt"], prompt_2_5(w["gpt"], cond, emovec, text_ids, lang_id), max_codes, decoding, sampler, acts)
+    tr["codes.raw"] = raw
+    tr["codes.logits"] = torch.stack([acts[f"logits.{i}"] for i in range(raw.shape[1])]).unsqueeze(0)
+    codes = cut_at_stop(raw, w["gpt"].config["stop_mel_token"])
+    if codes.shape[1] == 0:
+        raise PipelineError("the GPT stopped before its first code; there is nothing to synthesise (try another seed)")
+    problem = codebook_problem(codes, w["semantic-codec"].config["codebook_size"])
+    if problem:
+        raise PipelineError(problem)
+    tr["codes.codes"] = codes
+
+    progress("code_features")
+    s_infer = semantic_codec.decode(w["semantic-codec"], codes)
+    tr["code_features.S_infer"] = s_infer
+    n = int(s_infer.shape[1] * inf["mel_frames_per_decoded_frame"] * inf["duration_factor"])  # Python floats
+    target_len = torch.tensor([n], dtype=torch.int64, device=dev)
+    cond_t = s2mel.length_regulator(w["s2mel"], s_infer, target_len)
+    tr["target_condition.ylens"], tr["target_condition.cond"] = target_len, cond_t
+
+    progress("mel")
+    content = torch.cat([prompt_cond, cond_t], 1)
+    tr["mel.cat_condition"] = content
+    tr["mel.x_lens"] = torch.tensor([content.shape[1]], dtype=torch.int64, device=dev)
+    shape = (1, w["s2mel"].config["in_channels"], content.shape[1])
+    noise_from = "seed" if noise is None else "given"
+    if noise is None:
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    elif tuple(noise.shape) != shape:
+        raise PipelineError(f"the CFM noise has shape {list(noise.shape)}, the flow needs {list(shape)}")
+    noise = noise.to(dev, torch.float32)
+    tr["mel.noise"] = noise
+    mel = s2mel.cfm_inference(w["s2mel"], content, ref_mel, style, noise, inf["diffusion_steps"], inf["inference_cfg_rate"])
+    tr["mel.mel"] = mel
+    target = mel[:, :, ref_mel.shape[-1]:]
+    tr["mel.target"] = target
+
+    progress("waveform")
+    voc = bigvgan.vocode(w["bigvgan"], target).reshape(1, 1, -1)
+    tr["waveform.bigvgan"] = voc
+    lo, hi = inf["output_clamp"]  # = clamp(output_pcm_scale * wav, +-32767) / output_pcm_scale (inference.output)
+    wav = voc.reshape(1, -1).clamp(lo, hi)
+    tr["waveform.wav"] = wav
+    opts = {"text": text_in, "lang": lang, "greedy": greedy, "seed": seed, "max_codes": max_codes,
+            "emotion_alpha": alpha, "emotion_vector": weights, "emotion_vector_normalized": False,
+            "decoding": decoding.__dict__, "noise": noise_from}
+    return Result(wav.cpu(), rates["output_hz"], {k: v.detach().cpu() for k, v in tr.items()}, opts)
