@@ -8,7 +8,7 @@ marks them), the time from process start to the first audio (the waveform in mem
 the real-time factor (synthesis time / audio length) and the peak resident memory
 (``ru_maxrss``; memory-mapped weight pages count in it).  The prompt is a seeded
 speech-like signal of 2 s at 22.05 kHz, the text short, decoding greedy.
-``make bench`` runs it on the full-size synthetic release (``bench.run``).
+``make bench`` runs it on the full-size synthetic release of either version (``bench.run``; 2.5 with ``lang="en"``).
 """
 
 from __future__ import annotations
@@ -62,14 +62,15 @@ def child(bundle: str, prompt: str, device: str, max_codes: int, started: float)
             torch.cuda.synchronize()
         marks.append((step, time.perf_counter()))
 
-    r = pipeline.synthesize(b, TEXT, prompt, max_codes=max_codes, greedy=True, seed=0, progress=progress)
+    lang = "en" if b.version == "2.5" else None  # 2.5 bundles need a language
+    r = pipeline.synthesize(b, TEXT, prompt, max_codes=max_codes, greedy=True, seed=0, progress=progress, lang=lang)
     if device == "cuda":
         torch.cuda.synchronize()
     done = time.perf_counter()
     ends = [t for _, t in marks[1:]] + [done]
     stages = {step: round(end - t, 3) for (step, t), end in zip(marks, ends)}
     audio_s = r.wav.shape[-1] / r.sample_rate
-    return {"device": device, "max_codes": max_codes, "codes": int(r.trace["codes.codes"].shape[1]),
+    return {"device": device, "family_version": b.version, "max_codes": max_codes, "codes": int(r.trace["codes.codes"].shape[1]),
             "audio_s": round(audio_s, 3), "load_s": round(opened - t_open, 3), "stages_s": stages,
             "synthesis_s": round(done - opened, 3), "rtf": round((done - opened) / audio_s, 2),
             "process_start_to_audio_s": round(time.time() - started, 3),

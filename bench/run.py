@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["bulk_load"] = {"cpu": bulk_load.measure(outs, "cpu", runs=args.runs, log=log)}
         if result["machine"]["cuda"]:
             result["bulk_load"]["cuda"] = bulk_load.measure(outs, "cuda", runs=args.runs, cold=True, log=log)
-        if size == "full":  # issue 24: speech from the bundle (the 2.0 reference pipeline; 30 codes, one run)
+        if size in ("full", "full-2.5"):  # issue 24: speech from the bundle (the reference pipeline; 30 codes, one run)
             from . import e2e
 
             result["e2e"] = {"cpu": e2e.measure(outs, "cpu", 30, 1, log)}
