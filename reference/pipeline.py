@@ -65,7 +65,7 @@ TRACE_2_0 = (
     "emotion_features.audio_16k", "emotion_features.feature", "emotion_vector.emovec",
     "speech_conditioning.conditioning", "text.ids", "codes.codes", "latents.latent",
     "latent_projection.latent", "code_embeddings.S_infer", "target_condition.cond",
-    "mel.noise", "mel.mel", "mel.target", "waveform.wav",
+    "mel.cat_condition", "mel.x_lens", "mel.noise", "mel.mel", "mel.target", "waveform.bigvgan", "waveform.wav",
 )
 FILES_2_0 = ("gpt", "s2mel", "w2v-bert", "semantic-codec", "campplus", "bigvgan", "speaker-matrix", "emotion-matrix")
 # 2.5 writes the same kinds (its semantic-codec is the decoder, schema semantic-codec@2.5); the flow runs all
@@ -334,8 +334,21 @@ def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, n
     cond_t = s2mel.length_regulator(w["s2mel"], s_infer, target_len)
     tr["target_condition.cond"] = cond_t
 
+    wav, noise_from = mel_and_waveform(w, inf, prompt_cond, cond_t, ref_mel, style, noise, seed, tr, progress)
+    opts = {"text": text_in, "greedy": greedy, "seed": seed, "max_codes": max_codes, "emotion_alpha": alpha,
+            "emotion_vector": emo_weights, "decoding": decoding.__dict__, "noise": noise_from}
+    return Result(wav.cpu(), rates["output_hz"], {k: v.detach().cpu() for k, v in tr.items()}, opts)
+
+
+def mel_and_waveform(w, inf: dict, prompt_cond, cond_t, ref_mel, style, noise, seed: int, tr: dict, progress):
+    """The steps both releases share: the CFM sampler on ``cat(prompt_condition, cond)``
+    (noise from ``seed`` unless given), the prompt's frames cut, BigVGAN, the clamp.
+    Returns (waveform ``[1, n]``, where the noise came from)."""
     progress("mel")
+    dev = cond_t.device
     content = torch.cat([prompt_cond, cond_t], 1)
+    tr["mel.cat_condition"] = content
+    tr["mel.x_lens"] = torch.tensor([content.shape[1]], dtype=torch.int64, device=dev)
     shape = (1, w["s2mel"].config["in_channels"], content.shape[1])
     noise_from = "seed" if noise is None else "given"
     if noise is None:
@@ -350,12 +363,12 @@ def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, n
     tr["mel.target"] = target
 
     progress("waveform")
+    voc = bigvgan.vocode(w["bigvgan"], target).reshape(1, 1, -1)
+    tr["waveform.bigvgan"] = voc
     lo, hi = inf["output_clamp"]
-    wav = bigvgan.vocode(w["bigvgan"], target).reshape(1, -1).clamp(lo, hi)
+    wav = voc.reshape(1, -1).clamp(lo, hi)
     tr["waveform.wav"] = wav
-    opts = {"text": text_in, "greedy": greedy, "seed": seed, "max_codes": max_codes, "emotion_alpha": alpha,
-            "emotion_vector": emo_weights, "decoding": decoding.__dict__, "noise": noise_from}
-    return Result(wav.cpu(), rates["output_hz"], {k: v.detach().cpu() for k, v in tr.items()}, opts)
+    return wav, noise_from
 
 
 TRACE_SCHEMA = "indextts2-pipeline-trace"

@@ -46,9 +46,9 @@ from __future__ import annotations
 
 import torch
 
-from . import bigvgan, campplus, front_ends, gpt, matrices, s2mel, semantic_codec, text
+from . import campplus, front_ends, gpt, matrices, s2mel, semantic_codec, text
 from .generate import Decoding, codebook_problem, cut_at_stop, generate, prompt_2_5
-from .pipeline import Bundle, PipelineError, Result, _audio, _check_length, _emotion_weights, _features
+from .pipeline import Bundle, PipelineError, Result, _audio, _check_length, _emotion_weights, _features, mel_and_waveform
 
 # Every trace key of an IndexTTS-2.5 synthesis, in the order the steps run
 # (``emotion_vector.index`` only with an explicit emotion vector).
@@ -206,29 +206,7 @@ def run_2_5(b: Bundle, text_in: str, lang: str, prompt_audio, *, emotion_prompt=
     cond_t = s2mel.length_regulator(w["s2mel"], s_infer, target_len)
     tr["target_condition.ylens"], tr["target_condition.cond"] = target_len, cond_t
 
-    progress("mel")
-    content = torch.cat([prompt_cond, cond_t], 1)
-    tr["mel.cat_condition"] = content
-    tr["mel.x_lens"] = torch.tensor([content.shape[1]], dtype=torch.int64, device=dev)
-    shape = (1, w["s2mel"].config["in_channels"], content.shape[1])
-    noise_from = "seed" if noise is None else "given"
-    if noise is None:
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    elif tuple(noise.shape) != shape:
-        raise PipelineError(f"the CFM noise has shape {list(noise.shape)}, the flow needs {list(shape)}")
-    noise = noise.to(dev, torch.float32)
-    tr["mel.noise"] = noise
-    mel = s2mel.cfm_inference(w["s2mel"], content, ref_mel, style, noise, inf["diffusion_steps"], inf["inference_cfg_rate"])
-    tr["mel.mel"] = mel
-    target = mel[:, :, ref_mel.shape[-1]:]
-    tr["mel.target"] = target
-
-    progress("waveform")
-    voc = bigvgan.vocode(w["bigvgan"], target).reshape(1, 1, -1)
-    tr["waveform.bigvgan"] = voc
-    lo, hi = inf["output_clamp"]  # = clamp(output_pcm_scale * wav, +-32767) / output_pcm_scale (inference.output)
-    wav = voc.reshape(1, -1).clamp(lo, hi)
-    tr["waveform.wav"] = wav
+    wav, noise_from = mel_and_waveform(w, inf, prompt_cond, cond_t, ref_mel, style, noise, seed, tr, progress)
     opts = {"text": text_in, "lang": lang, "greedy": greedy, "seed": seed, "max_codes": max_codes,
             "emotion_alpha": alpha, "emotion_vector": weights, "emotion_vector_normalized": False,
             "decoding": decoding.__dict__, "noise": noise_from}
