@@ -112,6 +112,13 @@ def open_bundle(path: str, device: str = "cpu") -> Bundle:
         raise PipelineError(f"{path}: an IndexTTS-{version} bundle; the reference pipeline runs IndexTTS-2.0 and 2.5 bundles only")
     if "pipeline" not in manifest:
         raise PipelineError(f"{path}: manifest.json has no pipeline section; convert the release again")
+    p = manifest["pipeline"]
+    lacking = [k for k, ok in (("pipeline.front_ends.resampling", "resampling" in p.get("front_ends", {})),
+                               ("pipeline.inference.cfm_noise", "cfm_noise" in p.get("inference", {})))
+               if not ok]
+    if lacking:
+        raise PipelineError(f"{path}: manifest.json lacks {', '.join(lacking)} (made by a converter before the reference "
+                            "pipeline); run `convert.py all` on the release again")
     names = {k: v for k, v in manifest.get("files", {}).items()}
     by_kind = {rec.get("model"): name for name, rec in names.items()}
     kinds = FILES[version]
