@@ -10,7 +10,6 @@ bundle refuses it.  Writes a 22.05 kHz (the bundle's output rate) 16-bit mono WA
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 

@@ -62,7 +62,8 @@ TRACE_2_0 = (
     "semantic_features.input_features", "semantic_features.attention_mask", "semantic_features.feature",
     "semantic_codes.S_ref", "reference_mel.ref_mel", "style.fbank", "style.style",
     "prompt_condition.prompt_condition",
-    "emotion_features.audio_16k", "emotion_features.feature", "emotion_vector.emovec",
+    "emotion_features.audio_16k", "emotion_features.input_features", "emotion_features.attention_mask",
+    "emotion_features.feature", "emotion_vector.emovec",
     "speech_conditioning.conditioning", "text.ids", "codes.codes", "latents.latent",
     "latent_projection.latent", "code_embeddings.S_infer", "target_condition.cond",
     "mel.cat_condition", "mel.x_lens", "mel.noise", "mel.mel", "mel.target", "waveform.bigvgan", "waveform.wav",
@@ -257,25 +258,12 @@ def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, n
     fe, inf, rates = p["front_ends"], p["inference"], p["sample_rates"]
     dev = w["gpt"]["mel_head.weight"].device
     tr: dict[str, torch.Tensor] = {}
-    gen = inf["generation"]
-    decoding = Decoding(greedy=greedy, temperature=gen["temperature"], top_k=gen["top_k"], top_p=gen["top_p"],
-                        repetition_penalty=gen["repetition_penalty"], num_beams=1)
-    max_codes = max_codes if max_codes is not None else gen["max_mel_tokens"]
-    cap_s = inf["max_reference_audio_s"]
+    decoding, max_codes = decoding_for(inf, greedy, max_codes)
 
     ids = _tokens(b, text_in)
 
     progress("prompt")
-    samples, sr = _audio(prompt_audio, "speaker prompt")
-    mel_hz, sem_hz = rates["mel_hz"], rates["semantic_features_hz"]
-    rs = fe["resampling"]
-    spk_hz = rs["prompt_load"]["speaker_prompt_hz"]  # librosa.load's default rate, which infer_v2 relies on
-    a22 = front_ends.cut(front_ends.load_prompt(samples, sr, spk_hz, rs["prompt_load"]), cap_s, spk_hz)
-    _check_length(a22, spk_hz, inf, "speaker prompt")
-    a16 = front_ends.resample(a22, spk_hz, sem_hz, rs["sinc"])
-    a22 = front_ends.resample(a22, spk_hz, mel_hz, rs["sinc"])
-    tr["prompt.audio_22k"], tr["prompt.audio_16k"] = a22, a16
-    a22, a16 = a22.to(dev), a16.to(dev)
+    a22, a16 = speaker_prompt(b, prompt_audio, tr, dev, to_mel_rate=True)
 
     progress("semantic_features")
     spk = _features(w, fe, a16, tr, "semantic_features")
@@ -286,9 +274,7 @@ def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, n
     ref_mel = front_ends.s2mel_mel(a22, fe["s2mel_mel"])
     tr["reference_mel.ref_mel"] = ref_mel
     progress("style")
-    fbank = front_ends.campplus_fbank(a16, fe["campplus_fbank"])
-    style = campplus.embed(w["campplus"], fbank.unsqueeze(0))
-    tr["style.fbank"], tr["style.style"] = fbank.unsqueeze(0), style
+    style = speaker_style(b, a16, tr)
     progress("prompt_condition")
     prompt_cond = s2mel.length_regulator(w["s2mel"], s_ref, torch.tensor([ref_mel.shape[-1]], device=dev))
     tr["prompt_condition.prompt_condition"] = prompt_cond
@@ -299,12 +285,7 @@ def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, n
         emotion_prompt, alpha = None, 1.0
     if emotion_prompt is None:
         emotion_prompt, alpha = prompt_audio, 1.0
-    e_samples, e_sr = _audio(emotion_prompt, "emotion prompt")
-    emo_hz = rs["prompt_load"]["emotion_prompt_hz"]
-    e16 = front_ends.cut(front_ends.load_prompt(e_samples, e_sr, emo_hz, rs["prompt_load"]), cap_s, emo_hz)
-    _check_length(e16, emo_hz, inf, "emotion prompt")
-    tr["emotion_features.audio_16k"] = e16
-    emo = _features(w, fe, e16.to(dev), tr, "emotion_features", record_inputs=False)
+    emo = emotion_features(b, emotion_prompt, tr, dev)
     width = lambda x: torch.tensor([x.shape[-1]], device=dev)  # noqa: E731 - infer_v2 passes the feature width
     emovec = gpt.merge_emovec(w["gpt"], spk.transpose(1, 2), emo.transpose(1, 2), width(spk), width(emo), alpha)
     if emo_weights is not None:
@@ -345,6 +326,54 @@ def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, n
     opts = {"text": text_in, "greedy": greedy, "seed": seed, "max_codes": max_codes, "emotion_alpha": alpha,
             "emotion_vector": emo_weights, "decoding": decoding.__dict__, "noise": noise_from}
     return Result(wav.cpu(), rates["output_hz"], {k: v.detach().cpu() for k, v in tr.items()}, opts)
+
+
+def decoding_for(inf: dict, greedy: bool, max_codes: int | None) -> tuple[Decoding, int]:
+    """The decoding settings from the manifest's ``inference.generation`` (one beam), and
+    the code cap (its ``max_mel_tokens`` unless given)."""
+    gen = inf["generation"]
+    d = Decoding(greedy=greedy, temperature=gen["temperature"], top_k=gen["top_k"], top_p=gen["top_p"],
+                 repetition_penalty=gen["repetition_penalty"], num_beams=1)
+    return d, max_codes if max_codes is not None else gen["max_mel_tokens"]
+
+
+def speaker_prompt(b: Bundle, prompt_audio, tr: dict, dev, to_mel_rate: bool):
+    """The speaker prompt as infer_v2 reads it (``librosa.load`` at its default rate, cut
+    to ``max_reference_audio_s``) and its 16 kHz resampling; with ``to_mel_rate`` the
+    first is resampled to the mel's rate (2.0; an identity at 22.05 kHz), else kept (2.5).
+    Returns (mel-rate audio, 16 kHz audio) on ``dev``."""
+    fe, inf, rates = b.pipeline["front_ends"], b.pipeline["inference"], b.pipeline["sample_rates"]
+    samples, sr = _audio(prompt_audio, "speaker prompt")
+    rs = fe["resampling"]
+    spk_hz = rs["prompt_load"]["speaker_prompt_hz"]  # librosa.load's default rate, which infer_v2 relies on
+    a22 = front_ends.cut(front_ends.load_prompt(samples, sr, spk_hz, rs["prompt_load"]), inf["max_reference_audio_s"], spk_hz)
+    _check_length(a22, spk_hz, inf, "speaker prompt")
+    a16 = front_ends.resample(a22, spk_hz, rates["semantic_features_hz"], rs["sinc"])
+    if to_mel_rate:
+        a22 = front_ends.resample(a22, spk_hz, rates["mel_hz"], rs["sinc"])
+    tr["prompt.audio_22k"], tr["prompt.audio_16k"] = a22, a16
+    return a22.to(dev), a16.to(dev)
+
+
+def emotion_features(b: Bundle, emotion_prompt, tr: dict, dev):
+    """The emotion prompt as infer_v2 reads it (``librosa.load`` at 16 kHz directly, cut)
+    and its semantic features ``[1, T, hidden]``."""
+    fe, inf = b.pipeline["front_ends"], b.pipeline["inference"]
+    samples, sr = _audio(emotion_prompt, "emotion prompt")
+    load = fe["resampling"]["prompt_load"]
+    hz = load["emotion_prompt_hz"]
+    e16 = front_ends.cut(front_ends.load_prompt(samples, sr, hz, load), inf["max_reference_audio_s"], hz)
+    _check_length(e16, hz, inf, "emotion prompt")
+    tr["emotion_features.audio_16k"] = e16
+    return _features(b.files, fe, e16.to(dev), tr, "emotion_features")
+
+
+def speaker_style(b: Bundle, a16, tr: dict):
+    """CAMPPlus on the Kaldi fbank of the 16 kHz prompt minus its mean over time."""
+    fbank = front_ends.campplus_fbank(a16, b.pipeline["front_ends"]["campplus_fbank"])
+    style = campplus.embed(b.files["campplus"], fbank.unsqueeze(0))
+    tr["style.fbank"], tr["style.style"] = fbank.unsqueeze(0), style
+    return style
 
 
 def mel_and_waveform(w, inf: dict, prompt_cond, cond_t, ref_mel, style, noise, seed: int, tr: dict, progress):

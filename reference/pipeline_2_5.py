@@ -46,9 +46,10 @@ from __future__ import annotations
 
 import torch
 
-from . import campplus, front_ends, gpt, matrices, s2mel, semantic_codec, text
-from .generate import Decoding, codebook_problem, cut_at_stop, generate, prompt_2_5
-from .pipeline import Bundle, PipelineError, Result, _audio, _check_length, _emotion_weights, _features, mel_and_waveform
+from . import front_ends, gpt, matrices, s2mel, semantic_codec, text
+from .generate import codebook_problem, cut_at_stop, generate, prompt_2_5
+from .pipeline import (Bundle, PipelineError, Result, _emotion_weights, _features, decoding_for,
+                       emotion_features, mel_and_waveform, speaker_prompt, speaker_style)
 
 # Every trace key of an IndexTTS-2.5 synthesis, in the order the steps run
 # (``emotion_vector.index`` only with an explicit emotion vector).
@@ -118,26 +119,14 @@ def run_2_5(b: Bundle, text_in: str, lang: str, prompt_audio, *, emotion_prompt=
     fe, inf, rates = p["front_ends"], p["inference"], p["sample_rates"]
     dev = w["gpt"]["mel_head.weight"].device
     tr: dict[str, torch.Tensor] = {}
-    gen = inf["generation"]
-    decoding = Decoding(greedy=greedy, temperature=gen["temperature"], top_k=gen["top_k"], top_p=gen["top_p"],
-                        repetition_penalty=gen["repetition_penalty"], num_beams=1)
-    max_codes = max_codes if max_codes is not None else gen["max_mel_tokens"]
-    cap_s = inf["max_reference_audio_s"]
+    decoding, max_codes = decoding_for(inf, greedy, max_codes)
     alpha = emotion_alpha
 
     lang, lang_id = language(b, lang)
     ids = _token_ids(b, text_in, lang)
 
     progress("prompt")
-    samples, sr = _audio(prompt_audio, "speaker prompt")
-    sem_hz = rates["semantic_features_hz"]
-    rs = fe["resampling"]
-    spk_hz = rs["prompt_load"]["speaker_prompt_hz"]
-    a22 = front_ends.cut(front_ends.load_prompt(samples, sr, spk_hz, rs["prompt_load"]), cap_s, spk_hz)
-    _check_length(a22, spk_hz, inf, "speaker prompt")
-    a16 = front_ends.resample(a22, spk_hz, sem_hz, rs["sinc"])
-    tr["prompt.audio_22k"], tr["prompt.audio_16k"] = a22, a16  # the mel is of a22 itself (inference.speaker_prompt)
-    a22, a16 = a22.to(dev), a16.to(dev)
+    a22, a16 = speaker_prompt(b, prompt_audio, tr, dev, to_mel_rate=False)  # the mel is of a22 itself (inference.speaker_prompt)
 
     progress("semantic_features")
     spk = _features(w, fe, a16, tr, "semantic_features")
@@ -145,9 +134,7 @@ def run_2_5(b: Bundle, text_in: str, lang: str, prompt_audio, *, emotion_prompt=
     ref_mel = front_ends.s2mel_mel(a22, fe["s2mel_mel"])
     tr["reference_mel.ref_mel"] = ref_mel
     progress("style")
-    fbank = front_ends.campplus_fbank(a16, fe["campplus_fbank"])
-    style = campplus.embed(w["campplus"], fbank.unsqueeze(0))
-    tr["style.fbank"], tr["style.style"] = fbank.unsqueeze(0), style
+    style = speaker_style(b, a16, tr)
     progress("prompt_condition")
     ylens = torch.tensor([ref_mel.shape[-1]], dtype=torch.int64, device=dev)
     prompt_cond = s2mel.length_regulator(w["s2mel"], spk, ylens)  # the features, not quantized
@@ -161,12 +148,7 @@ def run_2_5(b: Bundle, text_in: str, lang: str, prompt_audio, *, emotion_prompt=
         emotion_prompt = None
     if emotion_prompt is None:
         emotion_prompt, alpha = prompt_audio, 1.0
-    e_samples, e_sr = _audio(emotion_prompt, "emotion prompt")
-    emo_hz = rs["prompt_load"]["emotion_prompt_hz"]
-    e16 = front_ends.cut(front_ends.load_prompt(e_samples, e_sr, emo_hz, rs["prompt_load"]), cap_s, emo_hz)
-    _check_length(e16, emo_hz, inf, "emotion prompt")
-    tr["emotion_features.audio_16k"] = e16
-    emo = _features(w, fe, e16.to(dev), tr, "emotion_features")
+    emo = emotion_features(b, emotion_prompt, tr, dev)
     width = lambda x: torch.tensor([x.shape[-1]], device=dev)  # noqa: E731 - the feature width, as infer_v2_5 passes it
     emovec = gpt.merge_emovec(w["gpt"], spk.transpose(1, 2), emo.transpose(1, 2), width(spk), width(emo), alpha)
     tr["emotion_vector.merge_emovec"] = emovec
