@@ -164,9 +164,9 @@ def generate(w, prompt: Prompt, max_codes: int, d: Decoding, generator: torch.Ge
     if max_codes < 1 or max_codes > rows - 1:
         raise ValueError(f"max_codes must be in 1..{rows - 1} (mel_pos_embedding has {rows} rows), not {max_codes}")
     cache: list = [None] * cfg["layers"]
-    seen = prompt.penalised[:]
+    seen = set(prompt.penalised)
     valid = prompt.valid[0]
-    h = _step(w, prompt.embeddings, cache, valid)  # the prompt itself; its output is not used
+    _step(w, prompt.embeddings, cache, valid)  # the prompt fills the cache; its output is not used
     token, codes = start, []
     for i in range(max_codes):
         emb = (w["mel_embedding.weight"][token] + w["mel_pos_embedding.weight"][i]).view(1, 1, -1)
@@ -175,12 +175,11 @@ def generate(w, prompt: Prompt, max_codes: int, d: Decoding, generator: torch.Ge
         logits = linear(layer_norm(h, w, "final_norm", cfg["final_norm_eps"]), w, "mel_head")[0].float()
         if acts is not None:
             acts[f"logits.{i}"] = logits.detach()
-        token = choose(logits, torch.tensor(sorted(set(seen)), device=logits.device), d, generator)
+        token = choose(logits, torch.tensor(sorted(seen), device=logits.device), d, generator)
         codes.append(token)
-        seen.append(token)
+        seen.add(token)
         if token == stop:
             break
-    del h
     return torch.tensor([codes], dtype=torch.int64, device=prompt.embeddings.device)
 
 

@@ -56,15 +56,16 @@ from . import bigvgan, campplus, front_ends, gpt, matrices, s2mel, semantic_code
 from .generate import Decoding, codebook_problem, cut_at_stop, generate, prompt_2_0
 from .load import load
 
-# Every trace key of an IndexTTS-2.0 synthesis, in the order the steps run.
+# Every trace key of an IndexTTS-2.0 synthesis, in the order the steps run
+# (``emotion_vector.index`` only with an explicit emotion vector).
 TRACE_2_0 = (
     "prompt.audio_22k", "prompt.audio_16k",
     "semantic_features.input_features", "semantic_features.attention_mask", "semantic_features.feature",
     "semantic_codes.S_ref", "reference_mel.ref_mel", "style.fbank", "style.style",
     "prompt_condition.prompt_condition",
     "emotion_features.audio_16k", "emotion_features.input_features", "emotion_features.attention_mask",
-    "emotion_features.feature", "emotion_vector.emovec",
-    "speech_conditioning.conditioning", "text.ids", "codes.codes", "latents.latent",
+    "emotion_features.feature", "emotion_vector.merge_emovec", "emotion_vector.index", "emotion_vector.emovec",
+    "speech_conditioning.conditioning", "text.ids", "codes.raw", "codes.logits", "codes.codes", "latents.latent",
     "latent_projection.latent", "code_embeddings.S_infer", "target_condition.cond",
     "mel.cat_condition", "mel.x_lens", "mel.noise", "mel.mel", "mel.target", "waveform.bigvgan", "waveform.wav",
 )
@@ -120,8 +121,7 @@ def open_bundle(path: str, device: str = "cpu") -> Bundle:
     if lacking:
         raise PipelineError(f"{path}: manifest.json lacks {', '.join(lacking)} (made by a converter before the reference "
                             "pipeline); run `convert.py all` on the release again")
-    names = {k: v for k, v in manifest.get("files", {}).items()}
-    by_kind = {rec.get("model"): name for name, rec in names.items()}
+    by_kind = {rec.get("model"): name for name, rec in manifest.get("files", {}).items()}
     kinds = FILES[version]
     missing = [k for k in kinds if k not in by_kind or not os.path.isfile(os.path.join(path, by_kind[k]))]
     if missing:
@@ -280,35 +280,17 @@ def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, n
     tr["prompt_condition.prompt_condition"] = prompt_cond
 
     progress("emotion_vector")
-    if emo_weights is not None:
-        emo_weights = _emotion_weights(emo_weights, alpha, normalize, inf, w["emotion-matrix"].config["emo_num"])
-        emotion_prompt, alpha = None, 1.0
-    if emotion_prompt is None:
-        emotion_prompt, alpha = prompt_audio, 1.0
-    emo = emotion_features(b, emotion_prompt, tr, dev)
-    width = lambda x: torch.tensor([x.shape[-1]], device=dev)  # noqa: E731 - infer_v2 passes the feature width
-    emovec = gpt.merge_emovec(w["gpt"], spk.transpose(1, 2), emo.transpose(1, 2), width(spk), width(emo), alpha)
-    if emo_weights is not None:
-        wv = torch.tensor(emo_weights, dtype=torch.float32, device=dev)
-        emovec = matrices.emotion_mix(w["speaker-matrix"], w["emotion-matrix"], style, wv) + (1 - torch.sum(wv)) * emovec
-    tr["emotion_vector.emovec"] = emovec
+    emovec, alpha, emo_weights = make_emovec(b, spk, style, prompt_audio, emotion_prompt, alpha, emo_weights,
+                                                normalize, tr)
 
     progress("speech_conditioning")
-    cond = gpt.conditioning(w["gpt"], spk.transpose(1, 2), width(spk))
+    cond = gpt.conditioning(w["gpt"], spk.transpose(1, 2), _width(spk))
     tr["speech_conditioning.conditioning"] = cond
 
     progress("codes")
     text_ids = torch.tensor([ids], dtype=torch.int64, device=dev)
     tr["text.ids"] = text_ids
-    sampler = torch.Generator().manual_seed(seed)
-    raw = generate(w["gpt"], prompt_2_0(w["gpt"], cond, emovec, text_ids), max_codes, decoding, sampler)
-    codes = cut_at_stop(raw, w["gpt"].config["stop_mel_token"])
-    if codes.shape[1] == 0:
-        raise PipelineError("the GPT stopped before its first code; there is nothing to synthesise (try another seed)")
-    problem = codebook_problem(codes, w["semantic-codec"].config["codebook_size"])
-    if problem:
-        raise PipelineError(problem)
-    tr["codes.codes"] = codes
+    codes = generate_codes(w, prompt_2_0(w["gpt"], cond, emovec, text_ids), max_codes, decoding, seed, tr)
     n = torch.tensor([codes.shape[1]], dtype=torch.int64, device=dev)
 
     progress("latents")
@@ -326,6 +308,54 @@ def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, n
     opts = {"text": text_in, "greedy": greedy, "seed": seed, "max_codes": max_codes, "emotion_alpha": alpha,
             "emotion_vector": emo_weights, "decoding": decoding.__dict__, "noise": noise_from}
     return Result(wav.cpu(), rates["output_hz"], {k: v.detach().cpu() for k, v in tr.items()}, opts)
+
+
+def _width(feats) -> torch.Tensor:
+    """What infer_v2 passes as the conditioning lengths: the feature width (1024), not the frame count."""
+    return torch.tensor([feats.shape[-1]], device=feats.device)
+
+
+def make_emovec(b: Bundle, spk, style, prompt_audio, emotion_prompt, alpha: float, weights, normalize: bool,
+                   tr: dict):
+    """``emovec``, as both releases make it: ``merge_emovec(spk, emo, alpha)``, where the
+    emotion prompt is the speaker prompt (alpha 1) when none is given or an explicit
+    emotion vector is; with ``weights`` (prepared by :func:`_emotion_weights`),
+    ``mix(emotion rows picked by the style) + (1 - sum(w)) * emovec``.  Returns
+    (emovec, the alpha used, the prepared weights or None)."""
+    w, inf = b.files, b.pipeline["inference"]
+    if weights is not None:
+        weights = _emotion_weights(weights, alpha, normalize, inf, w["emotion-matrix"].config["emo_num"])
+        emotion_prompt = None
+    if emotion_prompt is None:
+        emotion_prompt, alpha = prompt_audio, 1.0
+    emo = emotion_features(b, emotion_prompt, tr, spk.device)
+    emovec = gpt.merge_emovec(w["gpt"], spk.transpose(1, 2), emo.transpose(1, 2), _width(spk), _width(emo), alpha)
+    tr["emotion_vector.merge_emovec"] = emovec
+    if weights is not None:
+        wv = torch.tensor(weights, dtype=torch.float32, device=spk.device)
+        index = matrices.select_rows(w["speaker-matrix"], style)
+        tr["emotion_vector.index"] = index
+        emovec = matrices.mix(w["emotion-matrix"], index, wv) + (1 - torch.sum(wv)) * emovec
+    tr["emotion_vector.emovec"] = emovec
+    return emovec, alpha, weights
+
+
+def generate_codes(w, prompt, max_codes: int, decoding: Decoding, seed: int, tr: dict) -> torch.Tensor:
+    """The GPT's codes from ``prompt`` (sampling from a CPU generator seeded with
+    ``seed``), cut at the first stop code; refused when there is none before the stop or
+    one lies outside the codec's codebook.  Records the raw codes and each step's logits."""
+    acts: dict[str, torch.Tensor] = {}
+    raw = generate(w["gpt"], prompt, max_codes, decoding, torch.Generator().manual_seed(seed), acts)
+    tr["codes.raw"] = raw
+    tr["codes.logits"] = torch.stack([acts[f"logits.{i}"] for i in range(raw.shape[1])]).unsqueeze(0)
+    codes = cut_at_stop(raw, w["gpt"].config["stop_mel_token"])
+    if codes.shape[1] == 0:
+        raise PipelineError("the GPT stopped before its first code; there is nothing to synthesise (try another seed)")
+    problem = codebook_problem(codes, w["semantic-codec"].config["codebook_size"])
+    if problem:
+        raise PipelineError(problem)
+    tr["codes.codes"] = codes
+    return codes
 
 
 def decoding_for(inf: dict, greedy: bool, max_codes: int | None) -> tuple[Decoding, int]:
@@ -347,7 +377,7 @@ def speaker_prompt(b: Bundle, prompt_audio, tr: dict, dev, to_mel_rate: bool):
     rs = fe["resampling"]
     spk_hz = rs["prompt_load"]["speaker_prompt_hz"]  # librosa.load's default rate, which infer_v2 relies on
     a22 = front_ends.cut(front_ends.load_prompt(samples, sr, spk_hz, rs["prompt_load"]), inf["max_reference_audio_s"], spk_hz)
-    _check_length(a22, spk_hz, inf, "speaker prompt")
+    _check_length(a22, spk_hz, "speaker prompt")
     a16 = front_ends.resample(a22, spk_hz, rates["semantic_features_hz"], rs["sinc"])
     if to_mel_rate:
         a22 = front_ends.resample(a22, spk_hz, rates["mel_hz"], rs["sinc"])
@@ -363,7 +393,7 @@ def emotion_features(b: Bundle, emotion_prompt, tr: dict, dev):
     load = fe["resampling"]["prompt_load"]
     hz = load["emotion_prompt_hz"]
     e16 = front_ends.cut(front_ends.load_prompt(samples, sr, hz, load), inf["max_reference_audio_s"], hz)
-    _check_length(e16, hz, inf, "emotion prompt")
+    _check_length(e16, hz, "emotion prompt")
     tr["emotion_features.audio_16k"] = e16
     return _features(b.files, fe, e16.to(dev), tr, "emotion_features")
 
@@ -436,10 +466,9 @@ def _tokens(b: Bundle, text_in: str) -> list[int]:
 MIN_PROMPT_S = 0.5  # the reference's own floor: shorter prompts leave the encoders a few frames
 
 
-def _check_length(audio: torch.Tensor, sr: int, inf: dict, what: str) -> None:
-    least = MIN_PROMPT_S
-    if audio.shape[-1] < least * sr:
-        raise PipelineError(f"{what}: {audio.shape[-1] / sr:.3f} s of audio; at least {least} s is needed")
+def _check_length(audio: torch.Tensor, sr: int, what: str) -> None:
+    if audio.shape[-1] < MIN_PROMPT_S * sr:
+        raise PipelineError(f"{what}: {audio.shape[-1] / sr:.3f} s of audio; at least {MIN_PROMPT_S} s is needed")
 
 
 def _features(w, fe: dict, a16: torch.Tensor, tr: dict, step: str, record_inputs: bool = True) -> torch.Tensor:

@@ -46,10 +46,10 @@ from __future__ import annotations
 
 import torch
 
-from . import front_ends, gpt, matrices, s2mel, semantic_codec, text
-from .generate import codebook_problem, cut_at_stop, generate, prompt_2_5
-from .pipeline import (Bundle, PipelineError, Result, _emotion_weights, _features, decoding_for,
-                       emotion_features, mel_and_waveform, speaker_prompt, speaker_style)
+from . import front_ends, gpt, s2mel, semantic_codec, text
+from .generate import prompt_2_5
+from .pipeline import (Bundle, PipelineError, Result, _features, decoding_for, generate_codes, make_emovec,
+                       mel_and_waveform, speaker_prompt, speaker_style)
 
 # Every trace key of an IndexTTS-2.5 synthesis, in the order the steps run
 # (``emotion_vector.index`` only with an explicit emotion vector).
@@ -120,7 +120,6 @@ def run_2_5(b: Bundle, text_in: str, lang: str, prompt_audio, *, emotion_prompt=
     dev = w["gpt"]["mel_head.weight"].device
     tr: dict[str, torch.Tensor] = {}
     decoding, max_codes = decoding_for(inf, greedy, max_codes)
-    alpha = emotion_alpha
 
     lang, lang_id = language(b, lang)
     ids = _token_ids(b, text_in, lang)
@@ -141,23 +140,9 @@ def run_2_5(b: Bundle, text_in: str, lang: str, prompt_audio, *, emotion_prompt=
     tr["prompt_condition.ylens"], tr["prompt_condition.prompt_condition"] = ylens, prompt_cond
 
     progress("emotion_vector")
-    weights = None
-    if emotion_vector is not None:
-        # 2.5 has no normalize_emo_vec (inference.emotion_vector_normalization is null): alpha scaling only
-        weights = _emotion_weights(emotion_vector, alpha, False, inf, w["emotion-matrix"].config["emo_num"])
-        emotion_prompt = None
-    if emotion_prompt is None:
-        emotion_prompt, alpha = prompt_audio, 1.0
-    emo = emotion_features(b, emotion_prompt, tr, dev)
-    width = lambda x: torch.tensor([x.shape[-1]], device=dev)  # noqa: E731 - the feature width, as infer_v2_5 passes it
-    emovec = gpt.merge_emovec(w["gpt"], spk.transpose(1, 2), emo.transpose(1, 2), width(spk), width(emo), alpha)
-    tr["emotion_vector.merge_emovec"] = emovec
-    if weights is not None:
-        wv = torch.tensor(weights, dtype=torch.float32, device=dev)
-        index = matrices.select_rows(w["speaker-matrix"], style)
-        tr["emotion_vector.index"] = index
-        emovec = matrices.mix(w["emotion-matrix"], index, wv) + (1 - torch.sum(wv)) * emovec
-    tr["emotion_vector.emovec"] = emovec
+    # 2.5 has no normalize_emo_vec (inference.emotion_vector_normalization is null): alpha scaling only
+    emovec, alpha, weights = make_emovec(b, spk, style, prompt_audio, emotion_prompt, emotion_alpha, emotion_vector,
+                                         False, tr)
 
     progress("speech_conditioning")
     cond = gpt.speaker_conditioning(w["gpt"], style)
@@ -167,18 +152,7 @@ def run_2_5(b: Bundle, text_in: str, lang: str, prompt_audio, *, emotion_prompt=
     text_ids = torch.tensor([ids], dtype=torch.int64, device=dev)
     tr["text.ids"] = text_ids
     tr["text.lang"] = torch.tensor([lang_id], dtype=torch.int64, device=dev)
-    sampler = torch.Generator().manual_seed(seed)
-    acts: dict[str, torch.Tensor] = {}
-    raw = generate(w["gpt"], prompt_2_5(w["gpt"], cond, emovec, text_ids, lang_id), max_codes, decoding, sampler, acts)
-    tr["codes.raw"] = raw
-    tr["codes.logits"] = torch.stack([acts[f"logits.{i}"] for i in range(raw.shape[1])]).unsqueeze(0)
-    codes = cut_at_stop(raw, w["gpt"].config["stop_mel_token"])
-    if codes.shape[1] == 0:
-        raise PipelineError("the GPT stopped before its first code; there is nothing to synthesise (try another seed)")
-    problem = codebook_problem(codes, w["semantic-codec"].config["codebook_size"])
-    if problem:
-        raise PipelineError(problem)
-    tr["codes.codes"] = codes
+    codes = generate_codes(w, prompt_2_5(w["gpt"], cond, emovec, text_ids, lang_id), max_codes, decoding, seed, tr)
 
     progress("code_features")
     s_infer = semantic_codec.decode(w["semantic-codec"], codes)

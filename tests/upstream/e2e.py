@@ -79,10 +79,12 @@ import torch
 
 # ------------------------------------------------------------------ trace keys
 
-KEYS_2_0 = (
+# What both releases' traces hold up to the emotion vector, and from the mel on.
+_PROMPT_KEYS = (
     "prompt.audio_22k", "prompt.audio_16k",
     "semantic_features.input_features", "semantic_features.attention_mask", "semantic_features.feature",
-    "semantic_codes.codes", "semantic_codes.S_ref",
+)
+_CONDITIONING_KEYS = (
     "reference_mel.ref_mel",
     "style.fbank", "style.style",
     "prompt_condition.ylens", "prompt_condition.prompt_condition",
@@ -90,31 +92,23 @@ KEYS_2_0 = (
     "emotion_features.feature",
     "emotion_vector.merge_emovec", "emotion_vector.emovec",
     "speech_conditioning.conditioning",
-    "text.ids",
-    "codes.raw", "codes.logits", "codes.codes",
-    "latents.latent",
-    "latent_projection.latent",
-    "code_embeddings.vq2emb", "code_embeddings.S_infer",
+)
+_DIFFUSION_KEYS = (
     "target_condition.ylens", "target_condition.cond",
     "mel.cat_condition", "mel.x_lens", "mel.noise", "mel.mel", "mel.target",
     "waveform.bigvgan", "waveform.wav",
 )
+KEYS_2_0 = (
+    *_PROMPT_KEYS, "semantic_codes.codes", "semantic_codes.S_ref", *_CONDITIONING_KEYS,
+    "text.ids", "codes.raw", "codes.logits", "codes.codes",
+    "latents.latent", "latent_projection.latent", "code_embeddings.vq2emb", "code_embeddings.S_infer",
+    *_DIFFUSION_KEYS,
+)
 KEYS_2_5 = (
-    "prompt.audio_22k", "prompt.audio_16k",
-    "semantic_features.input_features", "semantic_features.attention_mask", "semantic_features.feature",
-    "reference_mel.ref_mel",
-    "style.fbank", "style.style",
-    "prompt_condition.ylens", "prompt_condition.prompt_condition",
-    "emotion_features.audio_16k", "emotion_features.input_features", "emotion_features.attention_mask",
-    "emotion_features.feature",
-    "emotion_vector.merge_emovec", "emotion_vector.emovec",
-    "speech_conditioning.conditioning",
-    "text.ids", "text.lang",
-    "codes.raw", "codes.logits", "codes.codes",
+    *_PROMPT_KEYS, *_CONDITIONING_KEYS,
+    "text.ids", "text.lang", "codes.raw", "codes.logits", "codes.codes",
     "code_features.S_infer",
-    "target_condition.ylens", "target_condition.cond",
-    "mel.cat_condition", "mel.x_lens", "mel.noise", "mel.mel", "mel.target",
-    "waveform.bigvgan", "waveform.wav",
+    *_DIFFUSION_KEYS,
 )
 # With an explicit emotion vector: the speaker-matrix row chosen per emo_num group.
 EMO_VECTOR_KEYS = ("emotion_vector.index",)
