@@ -4,7 +4,7 @@
 The same entry point as the installed ``indextts-convert`` console script: ``check``
 runs with the standard library alone, the other commands through the click CLI."""
 
-from converters.check import console
+from converters.cli import console
 
 if __name__ == "__main__":
     console()

@@ -1,6 +1,6 @@
 """The build hook: canonical_schema.json is kept once, at the top of the repository
 (the format specification; a checkout reads it there), and the build puts a copy
-inside the installed ``converters`` package, where ``converters.schema`` finds it
+inside the installed ``converters`` package, where ``converters.format.schema`` finds it
 when there is no checkout around it.  Everything else is in pyproject.toml."""
 
 import os

@@ -38,8 +38,8 @@ SECTIONS = {"2.0": "files", "2.5": "files@2.5"}  # snapshot key of each release'
 
 
 def _meta_source(sd: dict, path: str):
-    from converters.arrays import torch_dtype_name
-    from converters.sources import Source
+    from converters.format.arrays import torch_dtype_name
+    from converters.io.sources import Source
 
     return Source(path, "meta", {k: tuple(v.shape) for k, v in sd.items()}, {k: torch_dtype_name(v.dtype) for k, v in sd.items()})
 
@@ -47,8 +47,8 @@ def _meta_source(sd: dict, path: str):
 def _resolve(kind: str, sd: dict, cfg_file: str, family_version: str):
     """(plan, runtime config) of ``kind`` for a source with ``sd``'s names, shapes and
     dtypes, as a conversion resolves it (it refuses a tensor no rule consumes or drops)."""
-    from converters import engine
-    from converters.table import resolve
+    from converters.release import engine
+    from converters.format.table import resolve
 
     mod = engine.model_module(kind, family_version)
     config = mod.runtime_config(mod.load_config(cfg_file), cfg_file)
@@ -59,9 +59,9 @@ def _resolve(kind: str, sd: dict, cfg_file: str, family_version: str):
 
 def _summary(plans: dict) -> dict:
     """{file name: {"model", "dtype", "config", "tensors"}} of {kind: (plan, config)}, in file order."""
-    from converters import schema
-    from converters.arrays import is_float
-    from converters.st_header import ITEMSIZE
+    from converters.format import schema
+    from converters.format.arrays import is_float
+    from converters.format.st_header import ITEMSIZE
 
     out = {}
     for kind, (plan, config) in plans.items():
@@ -133,7 +133,7 @@ def planned_2_5() -> dict:
 
 
 def snapshot() -> dict:
-    from converters import schema
+    from converters.format import schema
 
     return json.loads(json.dumps({"schema_version": schema.schema_version(), SECTIONS["2.0"]: planned(),
                                   SECTIONS["2.5"]: planned_2_5()}))  # a fresh copy
@@ -183,7 +183,7 @@ def main() -> None:
     if os.path.exists(SNAPSHOT):
         old = load()
         changed = tensors_changed(old, new)
-        from converters.schema import parse_version
+        from converters.format.schema import parse_version
 
         if changed and parse_version(new["schema_version"]) <= parse_version(old.get("schema_version", 0)):
             raise SystemExit(f"the canonical tensors of {', '.join(changed)} changed at the released config, but the schema "

@@ -23,7 +23,7 @@ Conversions and their copy baselines alternate, so a noisy neighbour hurts both.
    to a device reads host memory: mmap-backed tensors count only once read), against
    ``torch.load``
    of the upstream file plus the transforms a port has to do (the file's own
-   provenance op chains applied with ``converters.ops.apply``, each result made
+   provenance op chains applied with ``converters.format.ops.apply``, each result made
    contiguous).  Target: canonical at least 8x faster, for the ``.pth`` models.
    Where CUDA is available the pair also runs with ``device="cuda"`` (``load_file``
    straight to the GPU against ``torch.load(map_location="cuda")`` plus the transforms
@@ -63,7 +63,7 @@ LARGE = ("gpt", "s2mel", "w2v-bert", "bigvgan")  # the four large models the loa
 
 def _out_names() -> dict[str, str]:
     sys.path.insert(0, ROOT)
-    from converters.schema import model_spec
+    from converters.format.schema import model_spec
 
     return {k: model_spec(k)["file"] for k in LARGE}
 
@@ -240,7 +240,7 @@ IMPORT_TORCH = "import time; t = time.perf_counter(); import torch; print(time.p
 IMPORTS_TORCH = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from converters.cli import main
+from converters.cli.commands import main
 main(sys.argv[2:], standalone_mode=False)
 print("torch" in sys.modules)
 """
@@ -372,7 +372,7 @@ def upstream(kind, paths, prov, device):
     else:
         obj = torch.load(paths["main"], map_location=device, weights_only=True)
         sd = flatten(obj["net"]) if kind == "s2mel" else obj.get("generator", obj)
-    from converters import ops
+    from converters.format import ops
     ready = {}
     for name, p in prov.items():
         if p["from"]:
@@ -401,7 +401,7 @@ print(json.dumps({"s": time.perf_counter() - t, "tensors": len(sd)}))
 
 def bench_load(release: str, out_dir: str, runs: int, log, device: str = "cpu", size: str = "full") -> dict:
     sys.path.insert(0, ROOT)
-    from converters import safetensors_io as stio
+    from converters.io import safetensors_io as stio
 
     files = inputs.release_files(release, size)
     res = {}

@@ -1,7 +1,7 @@
 """The audio front ends of IndexTTS-2's ``infer_v2``, configured from the bundle alone.
 
 Every number comes from ``manifest.json`` ``pipeline.front_ends`` (built by
-``converters/pipeline.py``; ``canonical_schema.json`` "pipeline" documents the keys):
+``converters/release/pipeline.py``; ``canonical_schema.json`` "pipeline" documents the keys):
 the ``params`` of each function, ``front_ends.resampling.prompt_load`` and ``.sinc`` for
 :func:`load_prompt` and :func:`resample` (whose defaults are those values; a test keeps
 them equal).  What the manifest names is implemented by its name: the povey window (the

@@ -18,7 +18,7 @@ as a view into that one buffer:
   any buffer that is itself 8-byte aligned)
 - tensors are ordered by item size, widest first, then by name
 
-The converter (``converters/st_header.py``, ``check``) and the reference loader
+The converter (``converters/format/st_header.py``, ``check``) and the reference loader
 (:mod:`reference.load`) both read headers through this module.
 """
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from converters import ops
+from converters.format import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def run_cli(*args: str, expect: int | None = 0, process: bool = False) -> subpro
     else:
         from click.testing import CliRunner
 
-        from converters import cli
+        from converters.cli import commands as cli
 
         here = os.getcwd()
         os.chdir(ROOT)
@@ -88,7 +88,7 @@ def reference_load(path):
 
 def convert_in_process(kind: str, src, out, *, config=None, extra=None, options=None):
     """Convert one model in this process (the engine the CLI calls), quietly."""
-    from converters import engine
+    from converters.release import engine
 
     engine.convert(kind, str(src), str(out), str(config) if config else None, quiet=True, force=True,
                    extra=extra, options=options)
@@ -102,7 +102,7 @@ def swap_rows(monkeypatch, kind: str, *pairs: tuple[str, str], family_version: s
     tensors by role can tell."""
     import dataclasses
 
-    from converters import engine
+    from converters.release import engine
 
     mod = engine.model_module(kind, family_version)
     original = mod.table
@@ -121,7 +121,7 @@ def assert_dtype_policy(path, file_dtype: str) -> None:
     """Every tensor has the dtype its schema class gives it in a ``file_dtype`` file:
     'float' tensors the file's dtype, 'float32' tensors F32 (F64 in a float64 file);
     and the file has tensors of both kinds where the model has 'float32'-class ones."""
-    from converters import schema
+    from converters.format import schema
     from reference.header import read_header
 
     h = read_header(str(path))

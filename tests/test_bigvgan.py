@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from converters import schema
+from converters.format import schema
 from tests.helpers import assert_dtype_policy, back_to_upstream, load_canonical, metadata, run_cli
 from tests.upstream import bigvgan as up
 

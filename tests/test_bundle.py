@@ -12,7 +12,8 @@ import shutil
 import pytest
 import yaml
 
-from converters import pipeline, schema
+from converters.release import pipeline
+from converters.format import schema
 from tests.helpers import ROOT, assert_refused, copy_release, manifest, metadata, rewrite, run_cli
 
 DEMO = os.path.join(ROOT, "demo", "release")
@@ -170,7 +171,7 @@ def test_every_rule_has_a_case():
 
 
 def test_check_of_the_demo_bundle_passes_every_rule(bundle):
-    from converters.release import cross_file_problems
+    from converters.release.release import cross_file_problems
 
     assert cross_file_problems(str(bundle)) == []
 

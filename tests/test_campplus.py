@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from converters import ops, schema
+from converters.format import ops, schema
 from tests.helpers import assert_refused, back_to_upstream, load_canonical, metadata, run_cli
 from tests.upstream import campplus as up
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from converters import schema
+from converters.format import schema
 from tests.helpers import assert_refused, load_canonical, metadata, rewrite, run_cli
 from tests.upstream import bigvgan as up
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from converters import schema
+from converters.format import schema
 from tests.helpers import ROOT, assert_dtype_policy, assert_refused, load_canonical, metadata, rewrite, run_cli
 
 DEMO = os.path.join(ROOT, "demo", "release")

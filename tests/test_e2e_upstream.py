@@ -428,7 +428,7 @@ def test_2_5_front_ends_equal_torchaudio():
     ``torchaudio.functional.resample``, whose kernel is built in the input's dtype, by
     ~1e-5; and on input shorter than one 25 ms frame, which both refuse, with different
     errors.)"""
-    from converters.forward import indextts25
+    from converters.cli.forward import indextts25
 
     common = indextts25("utils.common")
     side = e2e.side_torchaudio()
@@ -471,7 +471,7 @@ def test_2_5_text_equals_upstream(tmp_path):
     unknown languages and ja refused in one line naming them."""
     import json
 
-    from converters.forward import indextts25
+    from converters.cli.forward import indextts25
     from reference import pipeline, pipeline_2_5
 
     iv = e2e.infer_v2_5()
@@ -507,7 +507,7 @@ def test_2_5_generation_keeps_the_start_text_token(tmp_path):
     start_text_token (0, an ordinary character in 2.5's vocabulary: kept) and
     stop_text_token (1: removed, the prompt left-padded and masked): the same prompt
     embeddings, mask and codes."""
-    from converters import forward
+    from converters.cli import forward
     from reference import generate as gen
     from reference import gpt as ref_gpt
     from tests.helpers import convert_in_process, reference_load
@@ -640,8 +640,8 @@ def test_golden_pipeline_trace(chain_2_0, tmp_path):
 
     from safetensors.torch import load_file
 
-    from converters import golden
-    from converters.check import check_paths
+    from converters.cli import golden
+    from converters.cli.check import check_paths
     from reference import pipeline
 
     bundle = tmp_path / "bundle"  # the files linked, manifest.json copied (the test edits it)
@@ -677,7 +677,7 @@ def test_golden_pipeline_trace(chain_2_0, tmp_path):
 
 
 def test_golden_on_a_bundle_that_does_not_chain_says_so(demo_bundle, tmp_path):
-    from converters import golden
+    from converters.cli import golden
 
     said = []
     assert golden.write_pipeline_trace(str(demo_bundle), echo=said.append) is None

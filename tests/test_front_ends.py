@@ -2,7 +2,7 @@
 upstream IndexTTS-2 (``infer_v2``) calls, on speech-like signals (harmonics of a gliding
 f0 under a syllable envelope, plus noise), digital silence and clipping (runs at +-1), of
 lengths from about one frame to 3 s, with the parameters as the manifest carries them
-(``converters/pipeline.py``, through a JSON round trip).
+(``converters/release/pipeline.py``, through a JSON round trip).
 
 The oracles:
 
@@ -43,7 +43,7 @@ import numpy as np
 import pytest
 import torch
 
-from converters import pipeline
+from converters.release import pipeline
 from reference import front_ends as fe
 from tests.helpers import ROOT
 
@@ -117,7 +117,7 @@ def _side_torchaudio() -> str:
 def _load_alone(name: str, path: str, stubs: dict[str, types.ModuleType]):
     """Execute one source file as module ``name`` with ``stubs`` in sys.modules only
     while it loads (transformers and others probe for torchaudio; none must see one)."""
-    from converters.forward import stand_ins
+    from converters.cli.forward import stand_ins
 
     with stand_ins(stubs, also=(name,)):
         spec = importlib.util.spec_from_file_location(name, path)
@@ -190,7 +190,7 @@ def seamless_oracle(x: torch.Tensor, defaults: bool = False):
 
 def upstream_mel(x: torch.Tensor, cfg: dict) -> torch.Tensor:
     """infer_v2's mel_fn: ``mel_spectrogram(x, **mel_fn_args)`` with fmax None or 8000."""
-    from converters.forward import indextts
+    from converters.cli.forward import indextts
 
     audio = indextts("s2mel.modules.audio")
     audio.mel_basis.clear()

@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from converters import safetensors_io as stio
-from converters import sources
-from converters.arrays import from_torch, to_torch
+from converters.io import safetensors_io as stio
+from converters.io import sources
+from converters.format.arrays import from_torch, to_torch
 from converters.errors import ConvertError
-from converters.sources import open_source
+from converters.io.sources import open_source
 from tests import hostile
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -150,7 +150,7 @@ def zip_records(draw):
 def test_bounded_record_reader(tmp_path, rec):
     """read_record returns a record's bytes exactly when its size, stream and CRC all
     agree and it is within the limit; otherwise a ConvertError, never another error."""
-    from converters import pth_reader
+    from converters.io import pth_reader
     from tests import hostile
 
     payload, method, body, whole, declared, crc, limit = rec

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from converters.golden import check_golden
+from converters.cli.golden import check_golden
 from reference.entry import MODULES
 from tests.helpers import ROOT, assert_refused, run_cli
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from converters import schema
+from converters.format import schema
 from tests.helpers import assert_refused, back_to_upstream, load_canonical, metadata, rewrite, run_cli
 from tests.upstream import gpt as up
 

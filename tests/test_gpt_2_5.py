@@ -1,9 +1,9 @@
-"""IndexTTS-2.5 GPT (issue 14): conversion (``converters/gpt_v2_5.py``, schema ``gpt@2.5``)
+"""IndexTTS-2.5 GPT (issue 14): conversion (``converters/models/gpt_v2_5.py``, schema ``gpt@2.5``)
 and the reference runtime's 2.5 entry points against the upstream class.
 
 Oracle: ``indextts25-inference`` 0.2.0's ``UnifiedVoice`` (IndexTTS-2.5's model code, less
 ``text_head``), loaded from the saved ``gpt.pth`` by its own ``load_checkpoint``
-(``converters.forward.gpt_2_5_model``); the teacher-forced pass is its
+(``converters.cli.forward.gpt_2_5_model``); the teacher-forced pass is its
 ``prepare_gpt_inputs`` and the ``GPT2InferenceModel`` forward that ``generate`` runs.
 The layout (456 tensors, 814.85M parameters at the released config) is checked against
 upstream's ``model_v2_5.py`` / ``model_v2.py(spk_cond_mode="campplus")``: the package's
@@ -17,9 +17,9 @@ import os
 import pytest
 import torch
 
-from converters import forward
-from converters import gpt_v2_5 as conv
-from converters.schema import check_file
+from converters.cli import forward
+from converters.models import gpt_v2_5 as conv
+from converters.format.schema import check_file
 from reference import gpt as ref
 from tests.helpers import ROOT, back_to_upstream, convert_in_process, metadata, reference_load, run_cli, swap_rows
 from bench.inputs import released

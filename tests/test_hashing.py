@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from converters import hashing
+from converters.io import hashing
 
 
 def _sha(p) -> str:

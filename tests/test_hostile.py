@@ -124,7 +124,7 @@ def test_disk_full_mid_write(tmp_path, good, half_output):
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import converters.st_write as st_write
+import converters.io.st_write as st_write
 where = {where!r}
 if where == "data":  # die while producing the 10th tensor, half the data written
     orig_layout = st_write.layout
@@ -138,7 +138,7 @@ elif where == "fsync":  # die at the fsync before the rename: every byte written
     os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
 else:  # die at the rename: the finished file already has its hidden name
     os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-from converters.cli import main
+from converters.cli.commands import main
 main({args!r})
 """
 
@@ -166,7 +166,7 @@ def test_killed_mid_write(good, where, out_dir):
     earlier output untouched.  Where the filesystem lets an O_TMPFILE be linked in,
     nothing at all is left behind; elsewhere at most a hidden .tmp file.  Killed at the
     rename itself, the finished file is left under its hidden name on both paths."""
-    from converters import atomic
+    from converters.io import atomic
 
     out = out_dir / "o.safetensors"
     out.write_bytes(b"earlier output")
@@ -178,7 +178,7 @@ def test_killed_mid_write(good, where, out_dir):
     if where == "replace":
         # The one window a kill leaves a file in, on either path (README): the hidden
         # name, holding the complete output.
-        from converters.st_header import read_header
+        from converters.format.st_header import read_header
 
         assert len(left) == 2 and left[0].startswith(".o.safetensors.") and left[0].endswith(".tmp"), left
         assert read_header(str(out_dir / left[0])).metadata["model"] == "bigvgan"
@@ -200,7 +200,7 @@ BOMB_CHILD = """
 import json, sys
 sys.path.insert(0, {root!r})
 from click.testing import CliRunner
-from converters import cli
+from converters.cli import commands as cli
 out = []
 for src, dst in {jobs!r}:
     r = CliRunner().invoke(cli.main, ["bigvgan", src, dst, "--force"], catch_exceptions=False)
@@ -244,9 +244,9 @@ def test_inflation_limits_leave_real_checkpoints_alone(tmp_path, good, monkeypat
     """The ratio rule refuses storages that compress like zeros only beyond the
     allowance: the deflated bigvgan (random weights) passes with the allowance at zero,
     a deflated checkpoint of zeros does not."""
-    from converters import pth_reader
+    from converters.io import pth_reader
     from converters.errors import ConvertError
-    from converters.sources import open_source
+    from converters.io.sources import open_source
 
     monkeypatch.setattr(pth_reader, "INFLATE_ALLOWANCE", 0)
     with open_source(hostile.compressed_records(str(tmp_path / "real"), good)) as src:
@@ -264,7 +264,7 @@ def test_sources_close_idempotently_and_as_context_managers(tmp_path, good):
     """Every reader closes any number of times, as a context manager too, and refuses
     reads once closed (engine.prepare and inspect can release a source on any error)."""
     from converters.errors import ConvertError
-    from converters.sources import CombinedSource, MappingSource, SafetensorsSource, open_source
+    from converters.io.sources import CombinedSource, MappingSource, SafetensorsSource, open_source
 
     st = hostile._safetensors_of(str(tmp_path / "st"), good)
     for path, kind in ((good, MappingSource), (st, SafetensorsSource)):
@@ -287,7 +287,8 @@ def test_sources_close_idempotently_and_as_context_managers(tmp_path, good):
 def test_source_changed_during_the_run_discards_the_output(tmp_path, monkeypatch, hash_output):
     """A source whose size, mtime or inode moves while it is converted (a download
     finishing, an rsync) gives no output: its recorded hash could be of other bytes."""
-    from converters import engine, ops
+    from converters.release import engine
+    from converters.format import ops
     from converters.errors import ConvertError
 
     src = tmp_path / "bigvgan"

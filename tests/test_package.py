@@ -30,8 +30,9 @@ import sysconfig
 
 import pytest
 
-from converters import schema
-from converters.check import NO_CLICK, run_check
+from converters.format import schema
+from converters.cli import NO_CLICK
+from converters.cli.check import run_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THIRD_PARTY = ("torch", "numpy", "safetensors", "click", "tqdm", "yaml")
@@ -136,7 +137,7 @@ def test_installed_wheel_converts_and_checks(wheel, tmp_path):
     pip_install(venv, wheel)
     tool = os.path.join(venv, "bin", "indextts-convert")
     where = sh(os.path.join(venv, "bin", "python"), "-c",
-               "import converters, reference, converters.schema as s; print(converters.__file__); "
+               "import converters, reference, converters.format.schema as s; print(converters.__file__); "
                "print(reference.__file__); print(s.SCHEMA_PATH)", cwd=tmp_path).stdout.split()
     for p in where:
         assert p.startswith(site_packages(venv)), where
@@ -282,7 +283,7 @@ def _both(capsys, *args) -> tuple[int, str, str]:
     print the same and exit the same."""
     from click.testing import CliRunner
 
-    from converters import cli
+    from converters.cli import commands as cli
 
     code = run_check([str(a) for a in args])
     out, err = capsys.readouterr()

@@ -46,7 +46,9 @@ for name in {hidden!r}:
         delattr(os, name)
 import torch  # noqa: F401
 import reference.load  # noqa: F401
-from converters import atomic, engine, ops, pth_reader, staging  # noqa: F401
+from converters.io import atomic, pth_reader, staging  # noqa: F401
+from converters.release import engine
+from converters.format import ops
 from tests.helpers import convert_in_process
 sys.modules["ctypes"] = None  # torch and the reference loader use it (portably); the converter's own calls may not
 pth_reader.MADV_POPULATE_READ = None  # Linux-only advice
@@ -105,7 +107,7 @@ for name in {hidden!r}:
     if hasattr(os, name):
         delattr(os, name)
 import torch
-from converters import safetensors_io as stio, staging
+from converters.io import safetensors_io as stio, staging
 from safetensors.torch import load_file
 staging.STAGE_BYTES, staging.WHOLE_BYTES, staging.PIECE_BYTES = 8192, 1024, 512
 d = {out!r}
@@ -135,7 +137,7 @@ UMASK = r"""
 import os, stat, sys
 sys.path.insert(0, {root!r})
 os.umask(0o027)
-from converters import atomic
+from converters.io import atomic
 if {named!r}:
     for name in ("O_TMPFILE",):
         if hasattr(os, name):

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from converters import arrays, pth_reader, sources
+from converters.format import arrays
+from converters.io import pth_reader, sources
 from converters.errors import ConvertError
-from converters.pth_reader import NeedsTorch, Stored, check_zip, load_arrays
+from converters.io.pth_reader import NeedsTorch, Stored, check_zip, load_arrays
 from tests import hostile
 from tests.helpers import ROOT
 
@@ -230,7 +231,7 @@ def test_forged_layouts(tmp_path, layout, refusal):
 
 def test_reader_never_imports_torch(tmp_path):
     path = _save(tmp_path, {"model": _sd(), "epoch": 1})
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from converters import pth_reader; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from converters.io import pth_reader; "
             "o = pth_reader.load_arrays(sys.argv[2], mapped=pth_reader.check_zip(sys.argv[2])); "
             "print(o['model']['steps'].array.item(), o['model']['conv.bias'].dtype, 'torch' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code, ROOT, path], capture_output=True, text=True, cwd=tmp_path)

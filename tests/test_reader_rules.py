@@ -22,10 +22,10 @@ import zipfile
 import pytest
 import torch
 
-from converters import sources
+from converters.io import sources
 from converters.errors import ConvertError
-from converters.pth_reader import check_zip, load_arrays, open_archive
-from converters.sources import open_source
+from converters.io.pth_reader import check_zip, load_arrays, open_archive
+from converters.io.sources import open_source
 from tests import hostile
 from tests.helpers import ROOT, assert_refused, run_cli
 
@@ -259,7 +259,7 @@ NESTED_CHILD = """
 import json, sys, time
 sys.path.insert(0, {root!r})
 from click.testing import CliRunner
-from converters import cli
+from converters.cli import commands as cli
 out = []
 for src, dst in {jobs!r}:
     t = time.perf_counter()

@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from converters import forward, schema
+from converters.cli import forward
+from converters.format import schema
 from reference import bigvgan as ref
 from tests.helpers import ROOT, convert_in_process, reference_load, swap_rows
 from tests.upstream import bigvgan as up
@@ -24,7 +25,7 @@ CONFIGS = {"tiny": up.TINY, "snake": SNAKE}
 
 def upstream_from(folder: str):
     """What infer_v2 runs: from_pretrained on the release folder, weight norm removed, eval
-    (``converters.forward.bigvgan_model``, what ``verify --forward`` runs)."""
+    (``converters.cli.forward.bigvgan_model``, what ``verify --forward`` runs)."""
     return forward.bigvgan_model(os.path.join(folder, "bigvgan_generator.pt"), os.path.join(folder, "config.json"))
 
 

@@ -10,7 +10,9 @@ import os
 import pytest
 import torch
 
-from converters import engine, forward, schema
+from converters.release import engine
+from converters.cli import forward
+from converters.format import schema
 from reference import campplus as ref
 from tests.helpers import ROOT, convert_in_process, reference_load, swap_rows
 from tests.upstream import campplus as up
@@ -20,7 +22,7 @@ DEMO = os.path.join(ROOT, "demo", "release", "campplus")
 
 def upstream_from(folder: str):
     """infer_v2's loading: CAMPPlus(**args) (IndexTTS-2's, or campplus.json's), the pickled
-    state dict loaded strictly, eval mode (``converters.forward.campplus_model``, what
+    state dict loaded strictly, eval mode (``converters.cli.forward.campplus_model``, what
     ``verify --forward`` runs)."""
     args = None
     if os.path.exists(os.path.join(folder, "campplus.json")):

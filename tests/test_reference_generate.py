@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from converters import forward
+from converters.cli import forward
 from reference import generate as gen
 from reference import gpt as ref
 from tests.helpers import convert_in_process, reference_load

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from converters import forward
-from converters import gpt as conv
-from converters.schema import check_file
+from converters.cli import forward
+from converters.models import gpt as conv
+from converters.format.schema import check_file
 from reference import gpt as ref
 from tests.helpers import ROOT, convert_in_process, reference_load, swap_rows
 from bench.inputs import released
@@ -28,13 +28,13 @@ RELEASED = released("indextts2")["gpt"]
 
 def upstream_model(pth: str, cfg: dict):
     """A fresh UnifiedVoice loaded from the saved checkpoint the way infer_v2 loads it
-    (``converters.forward.gpt_model``, what ``verify --forward`` runs)."""
+    (``converters.cli.forward.gpt_model``, what ``verify --forward`` runs)."""
     torch.manual_seed(99)  # another init: every value must come from the file
     return forward.gpt_model(str(pth), cfg)
 
 
 def upstream_run(m, name: str, x: dict) -> tuple[dict, dict]:
-    """Upstream outputs for one entry point (``converters.forward.gpt_run``), and its
+    """Upstream outputs for one entry point (``converters.cli.forward.gpt_run``), and its
     per-block activations (by hooks)."""
     acts, hooks = {}, []
 

@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from converters import forward
-from converters.schema import check_file
+from converters.cli import forward
+from converters.format.schema import check_file
 from reference import s2mel as ref
 from tests.helpers import ROOT, convert_in_process, reference_load, swap_rows
 from tests.upstream import s2mel as up
@@ -35,7 +35,7 @@ def upstream_model(release_dir, config):
     """MyModel built from ``config``, every sub-model loaded from the saved ``s2mel.pth``
     by upstream's load_checkpoint2 (``net``, DDP prefix stripped; a tensor it leaves at
     its random init is refused), estimator caches set up as infer_v2 does:
-    ``converters.forward.s2mel_model``, what ``verify --forward`` runs."""
+    ``converters.cli.forward.s2mel_model``, what ``verify --forward`` runs."""
     return forward.s2mel_model(os.path.join(str(release_dir), "s2mel.pth"), copy.deepcopy(config))
 
 
@@ -173,7 +173,7 @@ def test_demo_release_matches_upstream(tmp_path):
     float32 at run time), so the estimator only agrees to float16 precision."""
     import yaml
 
-    from converters import engine
+    from converters.release import engine
 
     rel = os.path.join(ROOT, "demo", "release")
     with open(os.path.join(rel, "config.yaml")) as f:

@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from converters import forward
-from converters.schema import check_file
+from converters.cli import forward
+from converters.format.schema import check_file
 from reference import semantic_codec as ref
 from tests.helpers import ROOT, convert_in_process, reference_load, swap_rows
 from tests.upstream import semantic_codec as up
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:Fut
 
 def upstream_codec(model_file, config_yaml):
     """infer_v2.py's codec: RepCodec from the config.yaml section, then load_model on the
-    file (``converters.forward.semantic_codec_model``, what ``verify --forward`` runs)."""
+    file (``converters.cli.forward.semantic_codec_model``, what ``verify --forward`` runs)."""
     return forward.semantic_codec_model(str(model_file), forward.config_section(str(config_yaml), "semantic_codec"))
 
 

@@ -11,8 +11,8 @@ import types
 import pytest
 import torch
 
-from converters import forward
-from converters.schema import check_file
+from converters.cli import forward
+from converters.format.schema import check_file
 from reference import w2v_bert as ref
 from tests.helpers import ROOT, convert_in_process, reference_load, swap_rows
 from tests.upstream import w2v_bert as up
@@ -30,7 +30,7 @@ def upstream_model(model_dir, stats_path):
     """``maskgct_utils.build_semantic_model(stats_path)`` with its hard-coded hub name
     ("facebook/w2v-bert-2.0") pointed at the saved folder: from_pretrained, eval, and
     mean / sqrt(var) from the .pt file.  Returns an object get_emb can run on
-    (``converters.forward.w2v_bert_model``, what ``verify --forward`` runs)."""
+    (``converters.cli.forward.w2v_bert_model``, what ``verify --forward`` runs)."""
     return forward.w2v_bert_model(str(model_dir), str(stats_path))
 
 

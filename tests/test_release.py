@@ -74,7 +74,8 @@ def test_second_run_is_a_no_op_and_one_change_redoes_one(release, tmp_path):
 def test_a_changed_converter_redoes_its_output(release, tmp_path, monkeypatch):
     """The up-to-date test keys on the converter's fingerprint (its module, the ops, the
     schema section, the writer format), not on a version string nobody bumps."""
-    from converters import registry, release as rel
+    from converters.models import registry
+    from converters.release import release as rel
 
     out = tmp_path / "out"
     run_cli("all", "--src", release, "--out", out, "--quiet")
@@ -90,7 +91,8 @@ def test_a_changed_converter_redoes_its_output(release, tmp_path, monkeypatch):
 
 
 def test_fingerprint_follows_the_code_and_the_schema(monkeypatch):
-    from converters import registry, schema
+    from converters.models import registry
+    from converters.format import schema
 
     a = registry.converter_fingerprint("bigvgan")
     registry.converter_fingerprint.cache_clear()
@@ -183,7 +185,7 @@ def test_cache_location_follows_huggingface_hub(release, tmp_path, monkeypatch, 
 def test_interrupted_all_says_what_it_kept(release, tmp_path, monkeypatch):
     """Ctrl-C during `all`: the outputs finished before (and the manifest) stay, and the
     message says so instead of "no output was written"."""
-    from converters import engine
+    from converters.release import engine
 
     real, done = engine.convert, []
 
@@ -280,9 +282,9 @@ def test_verify_every_demo_output(release, tmp_path):
 def test_up_to_date_run_hashes_nothing_and_sources_are_hashed_before_their_output(release, tmp_path, monkeypatch):
     """In process: the first run asks for every source's hash in conversion order
     before any conversion; a second, up-to-date run asks for none."""
-    from converters import engine, release as rel
-    from converters.discovery import ITEMS
-    from converters.hashing import SERVICE
+    from converters.release import engine, release as rel
+    from converters.release.discovery import ITEMS
+    from converters.io.hashing import SERVICE
 
     asked, events = [], []
     real_request, real_convert = SERVICE.request, engine.convert

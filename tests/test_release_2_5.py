@@ -13,7 +13,8 @@ import subprocess
 import pytest
 import yaml
 
-from converters import family, pipeline, schema
+from converters.format import family, schema
+from converters.release import pipeline
 from tests.helpers import ROOT, assert_refused, copy_release, manifest, metadata, rewrite, run_cli
 
 DEMO = os.path.join(ROOT, "demo", "release-2.5")
@@ -126,7 +127,7 @@ def test_bundle_has_the_tiktoken_tokenizer(converted):
     assert m["absent"] == {}
     tok = m["bundle"]["tokenizer"]
     assert tok["path"] == TIKTOKEN and list(tok["files"]) == [TIKTOKEN] and "tiktoken" in tok["role"]
-    from converters.forward import indextts25
+    from converters.cli.forward import indextts25
 
     enc = indextts25("utils.tokenizer").get_encoding(TIKTOKEN[: -len(".tiktoken")], model_dir=str(out))
     ids = enc.encode("<|en|> cab face", allowed_special="all")

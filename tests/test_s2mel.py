@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from converters import ops, schema
+from converters.format import ops, schema
 from tests.helpers import assert_dtype_policy, assert_refused, back_to_upstream, load_canonical, metadata, rewrite, run_cli
 from tests.upstream import s2mel as up
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from converters import schema
+from converters.format import schema
 from tests.helpers import assert_refused, back_to_upstream, load_canonical, metadata, run_cli
 from tests.upstream import bigvgan as up_bigvgan
 from tests.upstream import semantic_codec as up
@@ -96,7 +96,7 @@ def test_runtime_config_follows_upstream_defaults():
     vocos_intermediate_dim and vocos_num_layers are read only when vocos_dim is present."""
     from omegaconf import OmegaConf
 
-    from converters import semantic_codec as conv
+    from converters.models import semantic_codec as conv
 
     section = {"codebook_size": 16, "hidden_size": 8, "codebook_dim": 8, "vocos_intermediate_dim": 24, "vocos_num_layers": 1}
     cfg = conv.runtime_config(section, "config.yaml")

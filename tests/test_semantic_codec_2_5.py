@@ -1,5 +1,5 @@
 """IndexTTS-2.5 semantic codec (issue 14): ``codec.pth`` (``EnhancedCodec``) converted by
-``converters/semantic_codec_v2_5.py`` (schema ``semantic-codec@2.5``), and the reference's
+``converters/models/semantic_codec_v2_5.py`` (schema ``semantic-codec@2.5``), and the reference's
 ``vq2emb`` and ``decode`` against upstream.
 
 Oracle: ``indextts25-inference`` 0.2.0's ``EnhancedCodec`` (the decoding half) loaded from
@@ -18,8 +18,8 @@ import warnings
 import pytest
 import torch
 
-from converters import semantic_codec_v2_5 as conv
-from converters.schema import check_file
+from converters.models import semantic_codec_v2_5 as conv
+from converters.format.schema import check_file
 from reference import semantic_codec as ref
 from tests.helpers import ROOT, back_to_upstream, convert_in_process, metadata, reference_load, rewrite, swap_rows
 from tests.upstream import semantic_codec25 as up
@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
 
 
 def run_upstream(m, name, x):
-    from converters.forward import semantic_codec_2_5_run
+    from converters.cli.forward import semantic_codec_2_5_run
 
     return semantic_codec_2_5_run(m, name, x)
 
@@ -57,7 +57,7 @@ def test_release_layout_at_the_released_config():
     assert round((sum(v.numel() for v in sd.values()) + 2 * (h * h * 3 + h)) / 1e6, 2) == 50.58
     keys = set(up.build().keys())
     assert {k for k in keys if k.startswith(("down.", "up."))} == {"down.weight", "down.bias", "up.weight", "up.bias"}
-    from converters.forward import indextts25
+    from converters.cli.forward import indextts25
 
     trimmed = set(indextts25("codec.models").EnhancedCodec(**up.TINY).state_dict())
     folded = {k.replace("weight_g", "weight") for k in keys if not k.endswith("weight_v")}
@@ -143,7 +143,7 @@ def test_downsample_scale_below_two_refused():
 CHILD = """
 import sys
 sys.path.insert(0, {root!r})
-from converters import engine
+from converters.release import engine
 engine.convert("semantic-codec", {src!r}, {out!r}, quiet=True, force=True)
 print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")))
 """

@@ -11,10 +11,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from converters import schema
+from converters.format import schema
 from converters.errors import ConvertError
-from converters.pth_reader import Stored
-from converters.sources import BARE_TENSOR_NAME, Source, unwrap
+from converters.io.pth_reader import Stored
+from converters.io.sources import BARE_TENSOR_NAME, Source, unwrap
 from tests.helpers import assert_refused, back_to_upstream, load_canonical, metadata, run_cli
 from tests.upstream import speaker_matrix as up
 

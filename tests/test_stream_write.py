@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from converters import safetensors_io as stio
-from converters import staging
-from converters import staging_plan as sp
-from converters.arrays import all_finite, from_torch
+from converters.io import safetensors_io as stio
+from converters.io import staging
+from converters.io import staging_plan as sp
+from converters.format.arrays import all_finite, from_torch
 from converters.errors import ConvertError
 
 

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from converters import arrays, engine, sources
-from converters.opspec import parse
+from converters.format import arrays
+from converters.release import engine
+from converters.io import sources
+from converters.format.opspec import parse
 from tests.helpers import ROOT, convert_in_process, run_cli
 
 DEMO = os.path.join(ROOT, "demo", "release")
@@ -89,7 +91,7 @@ def test_what_computes_goes_to_torch():
 SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from converters import engine
+from converters.release import engine
 jobs = json.loads(sys.argv[2])
 for kind, src, out in jobs:
     engine.convert(kind, src, out, quiet=True)
@@ -139,7 +141,7 @@ def test_widening_casts_are_torchs(src, out):
 def test_sqrt_is_correctly_rounded_in_both_paths():
     """numpy's sqrt and the torch path's (which uses it) equal the float64 square root
     rounded to float32: exact, float64 having over twice float32's precision."""
-    from converters import ops
+    from converters.format import ops
 
     v = np.random.default_rng(1).random(4096, dtype=np.float32) * 10
     exact = np.sqrt(v.astype(np.float64)).astype(np.float32)

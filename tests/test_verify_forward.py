@@ -12,7 +12,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from converters.cli import main
+from converters.cli.commands import main
 from reference.entry import MODULES, entries
 from tests.helpers import ROOT, assert_refused, convert_in_process, manifest, swap_rows
 
@@ -97,7 +97,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 sys.meta_path.insert(0, Block())
-from converters.cli import run
+from converters.cli.commands import run
 run(sys.argv[2:])
 """
 

@@ -10,11 +10,13 @@ import os
 import pytest
 import torch
 
-from converters import engine, registry, schema
+from converters.release import engine
+from converters.models import registry
+from converters.format import schema
 from converters.errors import ConvertError
-from converters.sources import CombinedSource, Source
-from converters.table import resolve
-from converters.st_read import st_dtype
+from converters.io.sources import CombinedSource, Source
+from converters.format.table import resolve
+from converters.io.st_read import st_dtype
 from tests.helpers import assert_dtype_policy, assert_refused, assert_std_of, back_to_upstream, load_canonical, metadata, run_cli
 from tests.upstream import w2v_bert as up
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from converters import schema
+from converters.format import schema
 from tests.helpers import back_to_upstream, load_canonical, manifest, metadata, run_cli
 from tests.upstream import w2v_bert as up
 

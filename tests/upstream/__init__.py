@@ -12,7 +12,7 @@ from __future__ import annotations
 
 def indextts(module: str):
     """Import ``indextts.<module>`` without running ``indextts/__init__.py``
-    (:func:`converters.forward.indextts`, which ``verify --forward`` uses too)."""
-    from converters.forward import indextts as imp
+    (:func:`converters.cli.forward.indextts`, which ``verify --forward`` uses too)."""
+    from converters.cli.forward import indextts as imp
 
     return imp(module)

@@ -233,7 +233,7 @@ def _write_config(release_dir: str, config: dict, version: str) -> None:
 def tiktoken_vocab(release_dir: str) -> int:
     """The size of upstream's 2.5 text encoding on the release's tiktoken file (the
     ranks plus the special tokens get_encoding appends)."""
-    from converters.forward import indextts25
+    from converters.cli.forward import indextts25
 
     enc = indextts25("utils.tokenizer").get_encoding.__wrapped__(
         "multilingual_zh_ja_yue_char_del", model_dir=release_dir)

@@ -7,7 +7,7 @@ recorded (issue 24): the oracle for ``reference.pipeline.synthesize``.
 the release folder by upstream's own loading code; nothing between the models is
 re-implemented here.  The intermediates are taken by wrappers around upstream's methods
 and forward hooks on its modules, keyed ``<step>.<output>`` with the step names of the
-bundle manifest's flow (:func:`converters.pipeline.build`, ``flow_2_5``), plus the
+bundle manifest's flow (:func:`converters.release.pipeline.build`, ``flow_2_5``), plus the
 front-end keys (``prompt.*``, ``text.*``, ``emotion_features.*``, ``mel.noise`` ...);
 :data:`KEYS_2_0` / :data:`KEYS_2_5` list them.
 
@@ -180,7 +180,7 @@ def infer_v2():
     name = "indextts.infer_v2"
     if name in sys.modules:
         return sys.modules[name]
-    from converters.forward import indextts, repcodec_module
+    from converters.cli.forward import indextts, repcodec_module
 
     indextts("logging")  # the package object without indextts/__init__.py
     import transformers  # noqa: F401  (its first import probes for torchaudio: before the stand-in exists)
@@ -203,7 +203,7 @@ def infer_v2_5():
     name = "indextts25.infer_v2_5"
     if name in sys.modules:
         return sys.modules[name]
-    from converters.forward import indextts25
+    from converters.cli.forward import indextts25
 
     indextts25("utils.common")
     with warnings.catch_warnings():

@@ -26,7 +26,7 @@ TINY = v2.config()
 
 
 def module():
-    from converters.forward import indextts25
+    from converters.cli.forward import indextts25
 
     return indextts25("gpt.model_v2")
 

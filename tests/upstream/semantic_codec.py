@@ -8,7 +8,7 @@ anything else ``RepCodec`` builds.  So :func:`module` imports ``repcodec_model``
 (the class ``build_semantic_codec`` instantiates) with a stub ``torchaudio`` in
 ``sys.modules`` for the duration of that import only, then removes the stub again (so
 transformers' own torchaudio probing is not fooled).  The stub's helpers raise if called.
-The import lives in :mod:`converters.forward`, which ``verify --forward`` uses too.
+The import lives in :mod:`converters.cli.forward`, which ``verify --forward`` uses too.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ TINY = {"codebook_size": 32, "hidden_size": 16, "codebook_dim": 4, "vocos_dim": 
 
 
 def module():
-    """repcodec_model, imported with the torchaudio stub (:func:`converters.forward.repcodec_module`)."""
-    from converters.forward import repcodec_module
+    """repcodec_model, imported with the torchaudio stub (:func:`converters.cli.forward.repcodec_module`)."""
+    from converters.cli.forward import repcodec_module
 
     return repcodec_module()
 

@@ -103,7 +103,7 @@ def save_release(sd: dict, folder: str, config: dict | None = None, write_config
 def oracle(path: str, config: dict | None = None):
     """indextts25's ``EnhancedCodec(**cfg)`` loaded from ``codec.pth`` by its own
     ``load_checkpoint``, eval."""
-    from converters.forward import indextts25
+    from converters.cli.forward import indextts25
 
     m = indextts25("codec.models").EnhancedCodec(**dict(config or TINY))
     m.load_checkpoint(path)

@@ -5,7 +5,7 @@ There is no upstream class: ``infer_v2.py`` ``torch.load``s each file as a bare 
 splits it by ``emo_num`` and, per emotion group, picks the speaker-matrix row most
 cosine-similar to the CAMPPlus style (``indextts.emotion.find_most_similar_cosine``) and
 the emotion-matrix row at the same index.  :func:`upstream_emovec` repeats those steps
-with upstream's own function (``converters.forward``), as the oracle.
+with upstream's own function (``converters.cli.forward``), as the oracle.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def save_release(folder: str, spk: torch.Tensor, emo: torch.Tensor, emo_num=None
 
 def upstream_emovec(spk_path: str, emo_path: str, emo_num, style: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """infer_v2.py's emotion-vector mix (the use_random=False path), on the upstream files:
-    :mod:`converters.forward`'s two steps, as ``verify --forward`` runs them."""
-    from converters import forward
+    :mod:`converters.cli.forward`'s two steps, as ``verify --forward`` runs them."""
+    from converters.cli import forward
 
     index = forward.speaker_matrix_run(forward.matrix_model(spk_path, emo_num), "select_rows", {"style": style})["index"]
     return forward.emotion_matrix_run(forward.matrix_model(emo_path, emo_num), "mix",
