@@ -5,6 +5,13 @@ An IndexTTS-2.5 bundle needs ``--lang`` (the text's language, e.g. en, zh, es); 
 bundle refuses it.  Writes a 22.05 kHz (the bundle's output rate) 16-bit mono WAV;
 ``--trace`` also writes every intermediate as safetensors.  Bad input gets one
 ``error:`` line, exit status 1, and no output file.
+
+Decoding: by default the GPT's codes are drawn as upstream draws them, beam sampling
+with the manifest's ``num_beams`` (3), top-k, top-p, temperature and repetition
+penalty, seeded by ``--seed``.  ``--greedy`` is greedy search with one beam
+(deterministic; ``--seed`` then only seeds the CFM noise).  ``--beams N`` sets the
+number of beams in either mode: ``--beams 1`` is one-beam sampling, ``--greedy
+--beams 3`` beam search without sampling.
 """
 
 from __future__ import annotations
@@ -19,6 +26,16 @@ def _floats(s: str) -> list[float]:
         return [float(x) for x in s.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {s!r}") from None
+
+
+def _beams(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {s!r}")
+    return n
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,7 +55,10 @@ def parser() -> argparse.ArgumentParser:
                         "(IndexTTS-2.0; a 2.5 bundle always uses it as given: 2.5 has no normalize_emo_vec)")
     s.add_argument("--lang", help="the text's language, e.g. en, zh, es (IndexTTS-2.5 bundles: required; 2.0: refused)")
     s.add_argument("--max-codes", type=int, metavar="N", help="at most N GPT codes (default: the manifest's max_mel_tokens)")
-    s.add_argument("--greedy", action="store_true", help="greedy decoding instead of seeded sampling")
+    s.add_argument("--greedy", action="store_true",
+                   help="greedy decoding (one beam unless --beams) instead of seeded beam sampling")
+    s.add_argument("--beams", type=_beams, metavar="N",
+                   help="beams of the code generation (default: 1 with --greedy, else the manifest's num_beams, 3)")
     s.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the CFM noise (default 0)")
     s.add_argument("--trace", metavar="TRACE.safetensors", help="also write every intermediate here")
     s.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
@@ -67,7 +87,7 @@ def main(argv=None) -> int:
         r = pipeline.synthesize(b, args.text, args.prompt, lang=args.lang, emotion_prompt=args.emotion_prompt,
                                 emotion_alpha=args.emotion_alpha, emotion_vector=args.emotion_vector,
                                 normalize_emotion=not args.raw_emotion_vector, max_codes=args.max_codes,
-                                greedy=args.greedy, seed=args.seed, progress=progress)
+                                greedy=args.greedy, seed=args.seed, num_beams=args.beams, progress=progress)
         trace.save_wav(args.out, r.wav, r.sample_rate)
         if args.trace:
             trace.save_trace(args.trace, r.trace, pipeline.trace_metadata(b, r))

@@ -8,7 +8,7 @@ cache, and reads ``mel_head(final_norm(ln_f(h)))`` at the last position.  It sto
 ``stop_mel_token`` (kept in the output, as ``generate`` keeps it) or after
 ``max_codes`` tokens.
 
-Choosing the next token (:func:`choose`), in ``generate``'s order:
+Choosing the next token with one beam (:func:`choose`), in ``generate``'s order:
 
 1. Repetition penalty over every id in the running ``input_ids``: upstream's
    ``input_ids`` are a fake prompt of ones (one per prompt embedding) and
@@ -20,8 +20,39 @@ Choosing the next token (:func:`choose`), in ``generate``'s order:
    probability is at most ``1 - top_p`` removed, the largest always kept), then one
    draw from the softmax with ``torch.multinomial`` on the caller's generator.
 
-Beam search (upstream's default ``num_beams=3``) is not implemented; :class:`Decoding`
-refuses ``num_beams != 1`` by name.
+Beam search (``num_beams > 1``, upstream's default is 3 with sampling), as
+transformers' ``_beam_search`` runs it for one prompt, ``B`` beams, and one end id
+(``stop_mel_token``), so ``K = 2 * B`` candidates a step:
+
+1. Each running beam's raw logits go through ``log_softmax`` first; the processors then
+   act on those log-probabilities: the repetition penalty (each beam over its own ids;
+   a log-probability is never positive, so a penalised one is multiplied by ``p``) and,
+   when sampling, temperature, top-k and top-p, which in beam mode keep at least 2 ids
+   (one end id + 1): top-k keeps ``max(top_k, 2)``, top-p never drops the 2 largest.
+2. Each beam's running score (the sum of its processed log-probabilities; at the start
+   0 for beam 0 and -1e9 for its equal copies, whose probabilities then underflow to 0)
+   is added to its row, and the ``B * V`` sums are ranked as one row: greedy takes the
+   ``K`` largest (``torch.topk``); sampling draws ``K`` without replacement with one
+   ``torch.multinomial(softmax(row), K)`` call on the generator, then sorts the draws
+   by score, largest first.  Where fewer than ``K`` ids have a nonzero probability,
+   ``multinomial`` fills up with zero-probability ones (ids top-k/top-p removed, score
+   -inf, or a copy's); they stay candidates, as in transformers.  A draw's beam is
+   ``index // V``, its code ``index % V``.
+3. A candidate is done when its code is ``stop_mel_token`` or it has ``max_codes``
+   codes.  The ``B`` best candidates after adding -1e9 to the done ones' scores are
+   the next running beams, with those scores; the caches are reordered to follow them.
+4. Done candidates among the first ``B`` of the ``K`` become finished hypotheses,
+   scored ``sum / n ** length_penalty`` (``n`` its code count; upstream passes 0.0, so
+   the plain sum); the ``B`` best finished hypotheses so far are kept.
+5. Generation stops when every candidate is done (at ``max_codes``), or when ``B``
+   hypotheses are finished and the best running score divided by ``n **
+   length_penalty`` (``n`` the codes generated so far) is no better than the worst
+   finished one (transformers' ``early_stopping=False`` heuristic, which upstream
+   leaves at its default).  The best finished hypothesis is returned, its stop code
+   kept.
+
+Seeded sampling with one beam and beam sampling draw from the caller's generator as
+``generate`` draws from torch's global one, so seeding both alike gives the same codes.
 """
 
 from __future__ import annotations
@@ -37,7 +68,8 @@ from .gpt import _heads, _merge_heads, layer_norm, linear
 @dataclass(frozen=True)
 class Decoding:
     """How the next code is chosen.  ``greedy`` ignores temperature, top-k and top-p (as
-    ``generate(do_sample=False)``) but keeps the repetition penalty."""
+    ``generate(do_sample=False)``) but keeps the repetition penalty.  ``num_beams > 1``
+    is beam search (greedy) or beam sampling; ``length_penalty`` only matters there."""
 
     greedy: bool = True
     temperature: float = 0.8
@@ -45,11 +77,11 @@ class Decoding:
     top_p: float = 0.8
     repetition_penalty: float = 10.0
     num_beams: int = 1
+    length_penalty: float = 0.0
 
     def __post_init__(self):
-        if self.num_beams != 1:
-            raise ValueError(f"num_beams={self.num_beams}: beam search is not implemented in the reference; "
-                             "it decodes one sequence (num_beams=1)")
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be a whole number of at least 1, not {self.num_beams!r}")
         if not self.greedy and (self.temperature <= 0 or self.top_k < 1 or not 0 < self.top_p <= 1):
             raise ValueError(f"bad sampling settings: temperature {self.temperature}, top_k {self.top_k}, top_p {self.top_p}")
 
@@ -154,25 +186,34 @@ def choose(logits: torch.Tensor, seen: torch.Tensor, d: Decoding, generator: tor
     return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
 
 
+def _mel_logits(w, tokens: torch.Tensor, i: int, cache: list, valid: torch.Tensor) -> torch.Tensor:
+    """Raw logits ``[R, V]`` (float32) of the next code for each of ``R`` rows, fed
+    ``tokens`` ``[R]`` at mel position ``i``."""
+    emb = (w["mel_embedding.weight"][tokens] + w["mel_pos_embedding.weight"][i]).unsqueeze(1)
+    h = _step(w, emb, cache, valid)
+    return linear(layer_norm(h, w, "final_norm", w.config["final_norm_eps"]), w, "mel_head").float()
+
+
 def generate(w, prompt: Prompt, max_codes: int, d: Decoding, generator: torch.Generator | None = None,
              acts: dict | None = None) -> torch.Tensor:
     """Codes ``[1, n]`` (int64), ``n <= max_codes``, ending with ``stop_mel_token`` when the
-    GPT stopped by itself.  ``acts["logits.<i>"]``: the raw logits of step ``i``."""
+    GPT stopped by itself.  ``acts["logits.<i>"]``: the raw logits ``[V]`` that code ``i``
+    was chosen from (with beams: those of the returned sequence's beam at step ``i``)."""
     cfg = w.config
     start, stop = cfg["start_mel_token"], cfg["stop_mel_token"]
     rows = w["mel_pos_embedding.weight"].shape[0]
     if max_codes < 1 or max_codes > rows - 1:
         raise ValueError(f"max_codes must be in 1..{rows - 1} (mel_pos_embedding has {rows} rows), not {max_codes}")
     cache: list = [None] * cfg["layers"]
-    seen = set(prompt.penalised)
     valid = prompt.valid[0]
     _step(w, prompt.embeddings, cache, valid)  # the prompt fills the cache; its output is not used
+    if d.num_beams > 1:
+        return _beam_search(w, prompt, max_codes, d, generator, acts, cache, valid)
+    seen = set(prompt.penalised)
     token, codes = start, []
     for i in range(max_codes):
-        emb = (w["mel_embedding.weight"][token] + w["mel_pos_embedding.weight"][i]).view(1, 1, -1)
         valid = torch.cat([valid, valid.new_ones(1)])
-        h = _step(w, emb, cache, valid)
-        logits = linear(layer_norm(h, w, "final_norm", cfg["final_norm_eps"]), w, "mel_head")[0].float()
+        logits = _mel_logits(w, torch.tensor([token], device=valid.device), i, cache, valid)[0]
         if acts is not None:
             acts[f"logits.{i}"] = logits.detach()
         token = choose(logits, torch.tensor(sorted(seen), device=logits.device), d, generator)
@@ -181,6 +222,118 @@ def generate(w, prompt: Prompt, max_codes: int, d: Decoding, generator: torch.Ge
         if token == stop:
             break
     return torch.tensor([codes], dtype=torch.int64, device=prompt.embeddings.device)
+
+
+def beam_scores(logits: torch.Tensor, seen: torch.Tensor, d: Decoding) -> torch.Tensor:
+    """Step 1 of beam search: the processed log-probabilities ``[B, V]`` of each beam's
+    next code, from its raw ``logits`` ``[B, V]`` (float32) and ``seen`` ``[B, V]``
+    (bool: the ids in that beam's running ``input_ids``)."""
+    scores = F.log_softmax(logits, dim=-1)
+    if d.repetition_penalty != 1.0:
+        penalised = torch.where(scores < 0, scores * d.repetition_penalty, scores / d.repetition_penalty)
+        scores = torch.where(seen, penalised, scores)
+    if d.greedy:
+        return scores
+    keep = 2  # beam mode keeps at least (number of end ids + 1) ids through top-k and top-p
+    scores = scores / d.temperature
+    k = min(max(d.top_k, keep), scores.shape[-1])
+    scores = scores.masked_fill(scores < torch.topk(scores, k).values[..., -1:], float("-inf"))
+    if d.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=False)
+        drop = ordered.softmax(-1).cumsum(-1) <= 1 - d.top_p
+        drop[..., -keep:] = False
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scores
+
+
+def _beam_search(w, prompt: Prompt, max_codes: int, d: Decoding, generator, acts, cache: list, valid) -> torch.Tensor:
+    """:func:`generate` with ``d.num_beams`` beams (the module docstring's steps 1-5).
+    Scores are kept as ``[1, n]`` rows, the shape transformers ranks them in, so that
+    ``topk``, ``sort`` and ``multinomial`` see the same tensors."""
+    cfg = w.config
+    start, stop = cfg["start_mel_token"], cfg["stop_mel_token"]
+    dev = prompt.embeddings.device
+    vocab = w["mel_head.weight"].shape[0]
+    nb = d.num_beams
+    nk = 2 * nb  # candidates a step: transformers keeps max(2, 1 + number of end ids) * num_beams
+    beams = torch.arange(nb, device=dev)
+    first = beams.new_zeros(nk, dtype=torch.bool)
+    first[:nb] = True  # only the first num_beams candidates may become finished hypotheses
+    low = -1.0e9  # transformers' "never" score
+
+    # transformers runs the prompt once per beam (num_beams equal rows): copy the cache
+    for i, kv in enumerate(cache):
+        cache[i] = tuple(t.expand(nb, *t.shape[1:]).contiguous() for t in kv)
+    # running beams: their codes, the logits row each code was chosen from, their ids
+    # for the repetition penalty (ids outside the vocabulary cannot be penalised), scores
+    codes = torch.zeros(nb, 0, dtype=torch.int64, device=dev)
+    rows = torch.zeros(nb, 0, dtype=torch.int64, device=dev)
+    seen = torch.zeros(nb, vocab, dtype=torch.bool, device=dev)
+    seen[:, [t for t in prompt.penalised if t < vocab]] = True
+    score = torch.full((1, nb), low, device=dev)
+    score[0, 0] = 0.0
+    # finished hypotheses: the best num_beams so far, as (codes, rows); empty placeholders
+    # scored -1e9 until real ones replace them (transformers returns an empty one if none does)
+    done_hyps = [(codes[0], rows[0])] * nb
+    done_score = torch.full((1, nb), low, device=dev)
+    done_real = torch.zeros(1, nb, dtype=torch.bool, device=dev)
+    hopeful = True  # transformers' is_early_stop_heuristic_unsatisfied
+    history = []
+
+    for i in range(max_codes):
+        tokens = codes[:, -1] if i else torch.full((nb,), start, dtype=torch.int64, device=dev)
+        valid = torch.cat([valid, valid.new_ones(1)])
+        logits = _mel_logits(w, tokens, i, cache, valid)
+        if acts is not None:
+            history.append(logits.detach())
+        total = (beam_scores(logits, seen, d) + score[0][:, None]).reshape(1, -1)  # [1, B * V]
+        if d.greedy:
+            top, index = torch.topk(total, nk)
+        else:  # K draws without replacement, then ordered by score (a zero-probability id can be drawn last)
+            index = torch.multinomial(F.softmax(total, dim=-1), nk, generator=generator)
+            top, order = total.gather(1, index).sort(dim=-1, descending=True)
+            index = index.gather(-1, order)
+        src, code = index[0] // vocab, index[0] % vocab
+        cand_codes = torch.cat([codes[src], code[:, None]], 1)
+        cand_rows = torch.cat([rows[src], src[:, None]], 1)
+        ended = (code == stop) | (i + 1 >= max_codes)  # transformers' stopping criteria: end id or max_length
+
+        # the next running beams: the best candidates not ended
+        live = top + ended[None].to(torch.float32) * low
+        pick = torch.topk(live, nb)[1][0]
+        score = live[:, pick]
+
+        # the finished hypotheses: the best of the kept ones and the ended first candidates
+        # (transformers also adds -1e9 where its early-stop flags are set; inside this loop
+        # they never are, and adding -0.0 changes nothing)
+        just = ended & first
+        fresh = top / ((i + 1) ** d.length_penalty) + (~just)[None].to(torch.float32) * low
+        merged = torch.cat([done_score, fresh], 1)
+        best = torch.topk(merged, nb)[1][0]
+        hyps = done_hyps + list(zip(cand_codes, cand_rows))
+        done_hyps = [hyps[j] for j in best.tolist()]
+        done_score = merged[:, best]
+        done_real = torch.cat([done_real, just[None]], 1)[:, best]
+
+        codes, rows = cand_codes[pick], cand_rows[pick]
+        seen = seen[src[pick]]
+        seen[beams, codes[:, -1]] = True
+        follow = src[pick]
+        for j, (k, v) in enumerate(cache):
+            cache[j] = (k.index_select(0, follow), v.index_select(0, follow))
+
+        # early stop: the best running beam, at its length so far, cannot beat the worst
+        # finished hypothesis (a slot still a placeholder counts -1e9)
+        worst = torch.where(done_real, done_score.min(dim=1, keepdim=True)[0], low)
+        hopeful = hopeful and bool((score[:, :1] / ((i + 1) ** d.length_penalty) > worst).any())
+        if not hopeful or bool(ended.all()):
+            break
+
+    out, out_rows = done_hyps[0]
+    if acts is not None:
+        for i, r in enumerate(out_rows.tolist()):
+            acts[f"logits.{i}"] = history[i][r]
+    return out[None].to(torch.int64)
 
 
 def cut_at_stop(codes: torch.Tensor, stop: int) -> torch.Tensor:

@@ -26,7 +26,8 @@ The flow (IndexTTS-2.0), with the places ports get wrong:
    ``w`` (after ``normalize_emo_vec`` when asked, and infer's 4-decimal scaling by
    ``alpha``), ``emotion_mix + (1 - sum(w)) * emovec`` and the emotion prompt is the
    speaker prompt with alpha 1.
-4. ``codes``: :mod:`reference.generate` (greedy, or seeded sampling); cut at the first
+4. ``codes``: :mod:`reference.generate` (greedy, one beam unless asked; or seeded beam
+   sampling with the manifest's ``num_beams``, upstream's default); cut at the first
    ``stop_mel_token``.  ``latents``: the teacher-forced GPT pass over the cut codes.
 5. ``latent_projection`` (s2mel ``gpt_layer``), ``code_embeddings``: ``vq2emb(codes)
    + latent``; ``target_condition``: the length regulator to
@@ -224,7 +225,7 @@ def normalize_emotion_vector(weights: list[float], inf: dict) -> list[float]:
 
 def synthesize(bundle, text_in: str, prompt_audio, *, lang: str | None = None, emotion_prompt=None,
                emotion_alpha: float = 1.0, emotion_vector: list[float] | None = None, normalize_emotion: bool = True,
-               max_codes: int | None = None, greedy: bool = False, seed: int = 0,
+               max_codes: int | None = None, greedy: bool = False, seed: int = 0, num_beams: int | None = None,
                noise: torch.Tensor | None = None, device: str = "cpu", progress=None) -> Result:
     """Run the whole flow (see the module docstring).  ``bundle`` is a folder or a
     :class:`Bundle`; ``prompt_audio`` and ``emotion_prompt`` are WAV paths or
@@ -232,7 +233,9 @@ def synthesize(bundle, text_in: str, prompt_audio, *, lang: str | None = None, e
     ``lang``: the text's language, required for an IndexTTS-2.5 bundle (one of its
     manifest's ``tokens.languages``) and refused for 2.0.  ``normalize_emotion``
     applies 2.0's ``normalize_emo_vec`` to ``emotion_vector``; IndexTTS-2.5 has none
-    (its manifest says so), and there the vector is used as given."""
+    (its manifest says so), and there the vector is used as given.  ``num_beams``:
+    the beams of the code generation (default: 1 with ``greedy``, else the manifest's
+    ``num_beams``)."""
     b = bundle if isinstance(bundle, Bundle) else open_bundle(str(bundle), device)
     if b.version == "2.5":
         from .pipeline_2_5 import run_2_5
@@ -243,22 +246,22 @@ def synthesize(bundle, text_in: str, prompt_audio, *, lang: str | None = None, e
         with torch.inference_mode():
             return run_2_5(b, text_in, lang, prompt_audio, emotion_prompt=emotion_prompt, emotion_alpha=emotion_alpha,
                            emotion_vector=emotion_vector, max_codes=max_codes, greedy=greedy, seed=seed, noise=noise,
-                           progress=progress)
+                           num_beams=num_beams, progress=progress)
     if lang is not None:
         raise PipelineError(f"lang={lang!r}: IndexTTS-2.0 bundles take no language (their tokenizer has none); "
                             "lang is for IndexTTS-2.5 bundles")
     with torch.inference_mode():
         return _run(b, text_in, prompt_audio, emotion_prompt, emotion_alpha, emotion_vector, normalize_emotion,
-                    max_codes, greedy, seed, noise, progress or (lambda step: None))
+                    max_codes, greedy, seed, noise, progress or (lambda step: None), num_beams)
 
 
 def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, normalize, max_codes, greedy, seed,
-         noise, progress) -> Result:
+         noise, progress, num_beams=None) -> Result:
     p, w = b.pipeline, b.files
     fe, inf, rates = p["front_ends"], p["inference"], p["sample_rates"]
     dev = w["gpt"]["mel_head.weight"].device
     tr: dict[str, torch.Tensor] = {}
-    decoding, max_codes = decoding_for(inf, greedy, max_codes)
+    decoding, max_codes = decoding_for(inf, greedy, max_codes, num_beams)
 
     ids = _tokens(b, text_in)
 
@@ -343,10 +346,18 @@ def make_emovec(b: Bundle, spk, style, prompt_audio, emotion_prompt, alpha: floa
 def generate_codes(w, prompt, max_codes: int, decoding: Decoding, seed: int, tr: dict) -> torch.Tensor:
     """The GPT's codes from ``prompt`` (sampling from a CPU generator seeded with
     ``seed``), cut at the first stop code; refused when there is none before the stop or
-    one lies outside the codec's codebook.  Records the raw codes and each step's logits."""
+    one lies outside the codec's codebook.  Records the raw codes and, for each of them,
+    the raw logits it was chosen from (with beams: those of the returned sequence's beam
+    at each step)."""
+    rows = w["gpt"]["mel_pos_embedding.weight"].shape[0]
+    if not 1 <= max_codes < rows:  # the start code takes position 0, so at most rows - 1 codes
+        raise PipelineError(f"max_codes {max_codes}: this bundle's GPT holds 1 to {rows - 1} codes "
+                            f"(gpt.safetensors mel_pos_embedding.weight has {rows} rows); pass --max-codes N within that")
     acts: dict[str, torch.Tensor] = {}
     raw = generate(w["gpt"], prompt, max_codes, decoding, torch.Generator().manual_seed(seed), acts)
     tr["codes.raw"] = raw
+    if raw.shape[1] == 0:  # beam search whose hypotheses never finished (transformers returns no code either)
+        raise PipelineError("the GPT gave no code; there is nothing to synthesise (try another seed)")
     tr["codes.logits"] = torch.stack([acts[f"logits.{i}"] for i in range(raw.shape[1])]).unsqueeze(0)
     codes = cut_at_stop(raw, w["gpt"].config["stop_mel_token"])
     if codes.shape[1] == 0:
@@ -358,12 +369,21 @@ def generate_codes(w, prompt, max_codes: int, decoding: Decoding, seed: int, tr:
     return codes
 
 
-def decoding_for(inf: dict, greedy: bool, max_codes: int | None) -> tuple[Decoding, int]:
-    """The decoding settings from the manifest's ``inference.generation`` (one beam), and
-    the code cap (its ``max_mel_tokens`` unless given)."""
+def decoding_for(inf: dict, greedy: bool, max_codes: int | None,
+                 num_beams: int | None = None) -> tuple[Decoding, int]:
+    """The decoding settings from the manifest's ``inference.generation``, and the code
+    cap (its ``max_mel_tokens`` unless given).  Sampling uses the manifest's
+    ``num_beams`` (upstream's beam sampling), greedy one beam (greedy search), unless
+    ``num_beams`` is given; ``length_penalty`` (used with beams) is the manifest's."""
     gen = inf["generation"]
-    d = Decoding(greedy=greedy, temperature=gen["temperature"], top_k=gen["top_k"], top_p=gen["top_p"],
-                 repetition_penalty=gen["repetition_penalty"], num_beams=1)
+    if num_beams is None:
+        num_beams = 1 if greedy else gen["num_beams"]
+    try:
+        d = Decoding(greedy=greedy, temperature=gen["temperature"], top_k=gen["top_k"], top_p=gen["top_p"],
+                     repetition_penalty=gen["repetition_penalty"], num_beams=num_beams,
+                     length_penalty=gen["length_penalty"])
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
     return d, max_codes if max_codes is not None else gen["max_mel_tokens"]
 
 

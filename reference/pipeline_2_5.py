@@ -110,7 +110,7 @@ def _token_ids(b: Bundle, text_in, lang: str) -> list[int]:
 
 def run_2_5(b: Bundle, text_in: str, lang: str, prompt_audio, *, emotion_prompt=None, emotion_alpha: float = 1.0,
             emotion_vector: list[float] | None = None, max_codes: int | None = None, greedy: bool = False,
-            seed: int = 0, noise: torch.Tensor | None = None, progress=None) -> Result:
+            seed: int = 0, noise: torch.Tensor | None = None, progress=None, num_beams: int | None = None) -> Result:
     """The 2.5 flow (module docstring); arguments as :func:`reference.pipeline.synthesize`."""
     if b.version != "2.5":
         raise PipelineError(f"{b.path}: an IndexTTS-{b.version} bundle; run_2_5 runs IndexTTS-2.5 bundles")
@@ -119,7 +119,7 @@ def run_2_5(b: Bundle, text_in: str, lang: str, prompt_audio, *, emotion_prompt=
     fe, inf, rates = p["front_ends"], p["inference"], p["sample_rates"]
     dev = w["gpt"]["mel_head.weight"].device
     tr: dict[str, torch.Tensor] = {}
-    decoding, max_codes = decoding_for(inf, greedy, max_codes)
+    decoding, max_codes = decoding_for(inf, greedy, max_codes, num_beams)
 
     lang, lang_id = language(b, lang)
     ids = _token_ids(b, text_in, lang)

@@ -624,6 +624,13 @@ def test_synthesize_cli_refuses_bad_input_in_one_line(chain_2_0, tmp_path):
         lines = err.strip().splitlines()
         assert rc == 1 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (what, err)
         assert not out.exists() and not list(tmp_path.glob(".partial-*")), what
+    # more codes than the GPT's mel positions hold (the manifest's default 1500 on the tiny chain)
+    for cap in ((), ("--max-codes", 100000)):
+        out = tmp_path / "too-many-codes.wav"
+        rc, err = _cli("synthesize", c.bundle, "--text", TEXT_2_0, "--prompt", c.prompt, "--out", out, "--greedy", *cap)
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and "mel_pos_embedding.weight has" in lines[0], (cap, err)
+        assert not out.exists()
 
 
 # ------------------------------------------------------------------ golden/pipeline.safetensors

@@ -108,8 +108,3 @@ def test_repetition_penalty_sees_the_fake_prompt_ids():
     assert gen.choose(logits, torch.tensor([1, 4]), d, None) == 2
     neg = torch.tensor([-2.0, -1.0, -3.0])
     assert gen.choose(neg, torch.tensor([1]), d, None) == 0  # -1 * 10 = -10 < -2
-
-
-def test_beams_are_refused_by_name():
-    with pytest.raises(ValueError, match="beam search is not implemented"):
-        gen.Decoding(greedy=False, num_beams=3)
