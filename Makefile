@@ -17,7 +17,7 @@ INDEXTTS25_INFERENCE := indextts25-inference==0.2.0
 # upstream's own inference): no torchaudio build matches our torch, so its files go beside the venv.
 TORCHAUDIO_SIDE := torchaudio==2.11.1
 
-.PHONY: convert test check golden bench demo clean
+.PHONY: convert test test-slow check golden bench demo clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,8 +47,12 @@ golden: $(VENV)/.runtime
 
 # Two pytest workers (pytest-xdist): the suite is CPU-bound and the build machines have 2 cores.
 TEST_WORKERS ?= 2
+# `make test` leaves out the tests marked slow (pyproject.toml); `make test-slow` runs them, and CI runs both.
 test: $(VENV)/.dev
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests
+
+test-slow: $(VENV)/.dev
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m slow tests
 
 # Full-size synthetic inputs (~7 GB, generated once into BENCH_CACHE) and the
 # measurements of issue 8; results in bench-results/.  Not a test: CI does not run it.

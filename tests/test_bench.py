@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from bench import inputs, run
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path):
     res = run.main(["--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "res"), "--runs", "1", "--size", "tiny"])
     saved = json.loads((tmp_path / "res" / "latest-tiny.json").read_text())
@@ -40,6 +43,7 @@ def test_bench_smoke(tmp_path):
     assert logs == [f"inputs: reusing {release}"]
 
 
+@pytest.mark.slow
 def test_inputs_have_upstream_names_and_shapes(tmp_path):
     """The generated files hold exactly the upstream classes' state-dict names and shapes."""
     import torch
@@ -73,6 +77,7 @@ def test_release_2_5_inputs_are_full_size_only(tmp_path, capsys):
     assert files["w2v-bert"] == os.path.join("R", "hf_cache", "w2v-bert-2.0", "model.safetensors")
 
 
+@pytest.mark.slow
 def test_bulk_load_explore_plumbing(demo_bundle):
     """``bench.bulk_load.explore`` (what ``device_check --explore`` runs on a GPU
     machine), on the CPU: each variant is checked against ``load_file`` in a child

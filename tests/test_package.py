@@ -128,6 +128,7 @@ def imported(stderr: str) -> set[str]:
 # ------------------------------------------------------------------ installed
 
 
+@pytest.mark.slow
 def test_installed_wheel_converts_and_checks(wheel, tmp_path):
     """``pip install`` of the wheel gives ``indextts-convert`` with convert.py's commands;
     ``all`` then ``check`` work from the installed package, which reads the schema copy
@@ -166,6 +167,7 @@ def test_installed_wheel_converts_and_checks(wheel, tmp_path):
                                                                       cmd, "--help").stdout
 
 
+@pytest.mark.slow
 def test_check_runs_on_the_standard_library_alone(wheel, demo, tmp_path):
     """Installed with --no-deps into a venv without third-party packages, ``check``
     passes a converted demo folder (golden files included), and fails a tampered one
@@ -193,6 +195,7 @@ def test_check_runs_on_the_standard_library_alone(wheel, demo, tmp_path):
     assert other.stderr.strip() == NO_CLICK
 
 
+@pytest.mark.slow
 def test_runtime_ci_sample_runs(wheel, demo, tmp_path):
     """docs/runtime-ci.yml's ``run:`` steps, in order, in bash as GitHub runs them.
     Substituted: actions/checkout (a folder holding the runtime's canonical folder, the

@@ -247,6 +247,7 @@ def test_verify_passes_and_catches_a_changed_value(release, tmp_path):
     assert_refused(p, "1 of")
 
 
+@pytest.mark.slow
 def test_make_convert_default_runs_on_the_demo(tmp_path):
     """The README's set-up: `make convert` builds the chained demo and converts it, the
     bundle checks, and the README's synthesize command writes a WAV from it."""
