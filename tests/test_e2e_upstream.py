@@ -640,7 +640,7 @@ def test_synthesize_cli_refuses_bad_input_in_one_line(chain_2_0, tmp_path):
 def test_golden_pipeline_trace(chain_2_0, tmp_path):
     """``convert.py golden`` writes ``golden/pipeline.safetensors`` (here only that part, on
     a copy of the bundle); ``check`` accepts it, and refuses it once a bundle file it was
-    made from changes.  The README's parity loop for a port, run with the reference as
+    made from changes.  The parity loop of docs/reference.md for a port, run with the reference as
     the port: the trace's prompt and noise in, every step compared."""
     import json
     import shutil

@@ -1,7 +1,7 @@
 """Golden activations (``convert.py golden``) and the reference runtime's isolation:
 the golden files are deterministic, belong to the canonical files beside them (``check``
 says so, and refuses them once a canonical file changes), and a port's parity loop as
-the README shows it reproduces them; the reference runs with every upstream package,
+docs/reference.md shows it reproduces them; the reference runs with every upstream package,
 the converter and the safetensors library unimportable."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def test_golden_metadata_and_contents(bundle):
 
 
 def port_parity_loop(canonical_dir, golden_file, forward) -> float:
-    """What the README tells a port to do: load the canonical weights, feed input.*,
+    """What docs/reference.md tells a port to do: load the canonical weights, feed input.*,
     compare with output.*.  ``forward(weights, entry_name, *inputs)`` is the port."""
     from safetensors.torch import load_file
     from safetensors import safe_open

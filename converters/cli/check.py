@@ -20,6 +20,10 @@ import sys
 from ..errors import ConvertError
 
 
+PIN_HELP = ("The schema version the runtime supports: '2' accepts any 2.x this checker knows, '2.1' accepts "
+            "2.0 and 2.1 (files of a newer minor or another major are refused).")
+
+
 def _out(msg: str) -> None:
     print(msg, flush=True)
 
@@ -99,8 +103,7 @@ def parser(prog: str = "indextts-convert check") -> argparse.ArgumentParser:
     p.add_argument("--hash", dest="full_hash", action="store_true",
                    help="Also re-hash files against a folder's manifest.json.")
     p.add_argument("--schema-version", dest="pin", default=None, metavar="X",
-                   help="The schema version the runtime supports: '1' accepts any 1.x this checker knows, '1.1' accepts "
-                        "1.0 and 1.1 (files of a newer minor or another major are refused).")
+                   help=PIN_HELP)
     p.add_argument("--debug", action="store_true", help="Show a traceback on failure.")
     return p
 

@@ -12,6 +12,7 @@ import click
 from ..models import registry
 from ..format import schema
 from ..errors import ConvertError
+from .check import PIN_HELP
 
 # Only torch-free modules are imported here; the converters (and torch) load when a
 # command that converts runs, so `--help`, `check` and `inspect` of a canonical file
@@ -247,8 +248,7 @@ def _verify_forward(src, out_file, extra, config, failures_only):
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--hash", "full_hash", is_flag=True, help="Also re-hash files against a folder's manifest.json.")
 @click.option("--schema-version", "pin", default=None, metavar="X",
-              help="The schema version the runtime supports: '1' accepts any 1.x this checker knows, '1.1' accepts "
-                   "1.0 and 1.1 (files of a newer minor or another major are refused).")
+              help=PIN_HELP)
 @guarded
 def check_cmd(paths, full_hash, pin):
     """Check canonical files (or folders of them, with their manifest.json) against
