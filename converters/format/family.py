@@ -35,6 +35,12 @@ MARKERS_2_5 = (CODEC_2_5, TOKENIZER_2_5)
 MARKERS_1_X = ("dvae.pth", "bigvgan_generator.pth")  # IndexTTS 1.0/1.5 release files
 # Models whose canonical layout differs between versions (schema sections "<kind>@<version>").
 VERSIONED_KINDS = ("gpt", "semantic-codec")
+# The modules whose tensors tell the release: 2.5's GPT has the first, 2.0's the second;
+# 2.5's codec has the resampling convs, 2.0's none.
+GPT_2_5_MODULES = ("spk_emb_proj", "lang_embedding")
+GPT_2_0_MODULES = ("conditioning_encoder", "perceiver_encoder", "speed_emb")
+CODEC_2_5_MODULES = ("down", "up")
+KIND_LABELS = {"gpt": "GPT", "semantic-codec": "semantic codec"}
 
 
 class Unsupported(ConvertError):
@@ -53,8 +59,8 @@ def gpt_version(names) -> tuple[str | None, str]:
     """(version, why) from a gpt checkpoint's tensor names; (None, why) when they are
     not a GPT's.  IndexTTS 1.x is refused (:class:`Unsupported`)."""
     names = list(names)
-    new = [p.rstrip(".") for p in ("spk_emb_proj.", "lang_embedding.") if _has(names, p)]
-    old = [p.rstrip(".") for p in ("conditioning_encoder.", "perceiver_encoder.", "speed_emb.") if _has(names, p)]
+    new = [p for p in GPT_2_5_MODULES if _has(names, p + ".")]
+    old = [p for p in GPT_2_0_MODULES if _has(names, p + ".")]
     if new and old:
         raise ConvertError(f"the GPT checkpoint mixes IndexTTS-2.5 tensors ({', '.join(new)}) with IndexTTS-2.0 ones "
                            f"({', '.join(old)}); it is neither release's UnifiedVoice")
@@ -70,9 +76,35 @@ def gpt_version(names) -> tuple[str | None, str]:
 
 def codec_version(names) -> tuple[str, str]:
     names = list(names)
-    if _has(names, "down.") or _has(names, "up."):
+    if any(_has(names, p + ".") for p in CODEC_2_5_MODULES):
         return "2.5", "its tensors: the down/up resampling convs (EnhancedCodec, codec.pth)"
     return "2.0", "its tensors: no down/up resampling convs (MaskGCT RepCodec)"
+
+
+def _listing(items, last: str) -> str:
+    items = [f"{i}.*" for i in items]
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {last} {items[-1]}"
+
+
+def evidence(kind: str, names) -> str | None:
+    """The tensors that tell a ``kind`` checkpoint's release, for messages ("it has
+    spk_emb_proj.* and lang_embedding.*, no conditioning_encoder.*, ..."); None where
+    they do not tell it (a model whose layout is the same in both, a GPT without
+    either release's conditioning modules)."""
+    names = list(names)
+    if kind == "gpt":
+        modules = GPT_2_5_MODULES + GPT_2_0_MODULES
+    elif kind == "semantic-codec":
+        modules = CODEC_2_5_MODULES
+    else:
+        return None
+    has = [m for m in modules if _has(names, m + ".")]
+    lacks = [m for m in modules if m not in has]
+    if kind == "gpt" and not has:
+        return None
+    if not has:
+        return f"it has no {_listing(lacks, 'or')}"
+    return f"it has {_listing(has, 'and')}" + (f", no {_listing(lacks, 'or')}" if lacks else "")
 
 
 def release_folder(src_file: str) -> str | None:

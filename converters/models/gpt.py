@@ -33,6 +33,7 @@ import math
 
 from ..io.configs import load_yaml_section, require
 from ..errors import ConvertError
+from ..format.config_dims import Dim
 from ..format.table import WB, Drop, Row, keep, row
 
 
@@ -57,9 +58,34 @@ DROPS: list[Drop] = [
 
 SUPPORTED_INPUT_LAYERS = ("conv2d2",)
 
+SECTION = "gpt"
+# The released gpt: sections differ in this key only (IndexTTS-2.5's says 60509); whose a
+# value is, in the message of a config that does not fit (format/config_dims.py).
+RELEASE_VALUES = {"number_text_tokens": 12000}
+
+
+def _encoder_dims(stack: str, key: str) -> list[Dim]:
+    e = f"{stack}.embed.conv.0.weight"  # Conv2d(1, output_size, 3, 2)
+    return [Dim(f"{key}.output_size", e, 0), Dim(f"{key}.linear_units", f"{stack}.encoders.0.feed_forward.w_1.weight", 0)]
+
+
+# Config keys -> the checkpoint tensors they size (upstream names), the same in both
+# releases; checked before the table, so a config that does not fit is refused by key.
+SHARED_DIMS = [
+    Dim("number_text_tokens", "text_embedding.weight", 0, "number_text_tokens * types + 1"),
+    Dim("number_text_tokens", "text_head.weight", 0, "number_text_tokens * types + 1"),
+    Dim("model_dim", "text_embedding.weight", 1),
+    Dim("number_mel_codes", "mel_embedding.weight", 0),
+    Dim("number_mel_codes", "mel_head.weight", 0),
+    Dim("max_text_tokens", "text_pos_embedding.emb.weight", 0, "max_text_tokens + 2"),
+    Dim("max_mel_tokens", "mel_pos_embedding.emb.weight", 0, "max_mel_tokens + 2 + max_conditioning_inputs"),
+    *_encoder_dims("emo_conditioning_encoder", "emo_condition_module"),
+]
+CONFIG_DIMS = [*SHARED_DIMS, *_encoder_dims("conditioning_encoder", "condition_module")]
+
 
 def load_config(path: str) -> dict:
-    return load_yaml_section(path, "gpt")
+    return load_yaml_section(path, SECTION)
 
 
 def _conformer(raw: dict, key: str, path: str) -> dict:

@@ -30,6 +30,9 @@ from ..format.table import WB, Drop, keep, row
 
 load_config = v2.load_config
 sinusoid_table = v2.sinusoid_table
+SECTION = v2.SECTION
+RELEASE_VALUES = {"number_text_tokens": 60509}  # IndexTTS-2.0's says 12000
+CONFIG_DIMS = v2.SHARED_DIMS  # no speaker Conformer: condition_module sizes nothing
 
 SPEAKER_EMBEDDING_DIM = 192  # UnifiedVoice: self.spk_emb_proj = nn.Linear(192, model_dim)
 CONDITION_ZERO_ROWS = 2  # conds = cat(spk + emovec, zeros(B, 2, model_dim)) in forward and inference_speech

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from ..io.configs import load_yaml_section
 from ..errors import ConvertError
+from ..format.config_dims import Dim
 from ..format.table import Drop, row, wn
 
 
@@ -52,8 +53,31 @@ DROPS: list[Drop] = [
 ]
 
 
+SECTION = "semantic_codec"
+# The released semantic_codec: sections are the same in IndexTTS-2.0 and 2.5 (8192, 1024,
+# 8, 384, 2048, 12, no downsample_scale): no value tells a release.
+RELEASE_VALUES: dict = {}
+
+
+def codec_dims(backbone: str) -> list[Dim]:
+    """Config keys -> the checkpoint tensors they size, for the Vocos backbone + Linear at
+    ``backbone`` (``encoder``; 2.5's ``decoder``) and the first quantizer."""
+    q = "quantizer.quantizers.0.codebook.weight"
+    return [
+        Dim("codebook_size", q, 0),
+        Dim("codebook_dim", q, 1),
+        Dim("hidden_size", f"{backbone}.1.weight", 0),  # Linear(vocos_dim, hidden_size)
+        Dim("hidden_size", f"{backbone}.0.embed.weight", 1),  # Conv1d(hidden_size, vocos_dim, 7)
+        Dim("vocos_dim", f"{backbone}.0.embed.weight", 0),
+        Dim("vocos_intermediate_dim", f"{backbone}.0.convnext.0.pwconv1.weight", 0),
+    ]
+
+
+CONFIG_DIMS = codec_dims("encoder")
+
+
 def load_config(path: str) -> dict:
-    return load_yaml_section(path, "semantic_codec")
+    return load_yaml_section(path, SECTION)
 
 
 def runtime_config(raw: dict, path: str) -> dict:
@@ -71,7 +95,7 @@ def runtime_config(raw: dict, path: str) -> dict:
             raise ConvertError(f"{path}: semantic_codec.{k} is {v!r}, expected a positive int")
     if cfg["downsample_scale"] > 1:
         raise ConvertError(f"{path}: semantic_codec.downsample_scale is {cfg['downsample_scale']}; "
-                           "a downsampling codec is not supported (IndexTTS-2's has none)")
+                           "a downsampling codec is not supported (IndexTTS-2.0's MaskGCT RepCodec has none)")
     cfg.update({
         "quantizer_type": "fvq",
         "has_projections": cfg["hidden_size"] != cfg["codebook_dim"],

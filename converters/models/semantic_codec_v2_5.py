@@ -30,9 +30,13 @@ from __future__ import annotations
 
 from . import semantic_codec as v2
 from ..errors import ConvertError
+from ..format.config_dims import Dim
 from ..format.table import Drop, row, wn
 
 load_config = v2.load_config
+SECTION = v2.SECTION
+RELEASE_VALUES = v2.RELEASE_VALUES  # the same released section as 2.0's
+CONFIG_DIMS = [*v2.codec_dims("decoder"), Dim("hidden_size", "up.weight", 0)]
 
 # EnhancedCodec's constructor defaults (for keys the config section leaves out).
 DEFAULTS = {**v2.DEFAULTS, "downsample_scale": 2}

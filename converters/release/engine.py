@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from ..format import arrays, opspec, schema
+from ..format import arrays, config_dims, opspec, schema
 from ..io import safetensors_io as stio
 from ..errors import ConvertError
 from ..io.hashing import SERVICE as HASHES
@@ -144,7 +144,8 @@ def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "kee
         raw = mod.load_config(cfg_file)
         # Options that change the canonical form (registry.CHOICES) go to runtime_config,
         # which records them in the metadata config.
-        config = mod.runtime_config(raw, cfg_file, **(options or {}))
+        config = _runtime_config(kind, mod, raw, cfg_file, options, main, src_file, fv, why)
+        refuse_config_mismatch(kind, mod, config, main, src_file, cfg_file, fv, why)
         extra_files = input_files(mod, src_file, extra)
         src = combine(main, extra_files)
         stats = {f: file_stat(f) for f in (src_file, *extra_files.values())}
@@ -160,6 +161,43 @@ def prepare(kind: str, src_path: str, config_path: str | None, dtype: str = "kee
                 if prefix:
                     part.close()
         raise
+
+
+def _told(kind: str, src: Source, why: str) -> str:
+    """What tells a checkpoint's release, for messages: its tensors where they tell it."""
+    return family.evidence(kind, src.names()) or why
+
+
+def _runtime_config(kind, mod, raw: dict, cfg_file, options, src: Source, src_file: str, fv: str, why: str) -> dict:
+    """``mod.runtime_config``; for the models whose tensors tell the release, a refusal
+    also says which release the checkpoint is and what tells it (the other release's
+    config: a codec's ``downsample_scale``, a GPT's conditioning sections)."""
+    try:
+        return mod.runtime_config(raw, cfg_file, **(options or {}))
+    except ConvertError as e:
+        if kind not in family.VERSIONED_KINDS:
+            raise
+        what = family.KIND_LABELS.get(kind, kind)
+        raise ConvertError(f"{src_file}: is an {family.label(fv)} {what} ({_told(kind, src, why)}), and {cfg_file} "
+                           f"does not fit it:\n  {e}") from None
+
+
+def refuse_config_mismatch(kind: str, mod, config: dict, src: Source, src_file: str, cfg_file: str | None, fv: str,
+                           why: str) -> None:
+    """The config keys that size the checkpoint's tensors (the module's ``CONFIG_DIMS``)
+    against the checkpoint's shapes, before the table and the schema check: a config
+    that does not fit is refused by key, with both values and whose release each is."""
+    dims = getattr(mod, "CONFIG_DIMS", None)
+    if not dims or cfg_file is None:
+        return
+    found = config_dims.mismatches(dims, config, src.shapes)
+    if not found:
+        return
+    released = {}
+    if kind in family.VERSIONED_KINDS:
+        released = {v: getattr(model_module(kind, v), "RELEASE_VALUES", {}) for v in family.VERSIONS}
+    raise ConvertError(config_dims.message(kind, fv, _told(kind, src, why), src_file, cfg_file, mod.SECTION, found,
+                                           released))
 
 
 def _plan(kind, mod, src: Source, src_file: str, extra_files: dict[str, str], config: dict, dtype: str,
