@@ -472,3 +472,32 @@ def test_special_file_in_a_bundled_folder_is_refused(tmp_path):
     with _no_hang(60):
         p = run_cli("all", "--src", rel, "--out", tmp_path / "out", "--quiet", expect=None)
     assert_refused(p, str(rel / "qwen0.6bemo4-merge" / "extra.bin"), "a FIFO")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "null", "socket"])
+def test_check_refuses_a_special_canonical_file_without_opening_it(kind, demo_bundle):
+    """``check`` on a canonical path (given, or found in a folder) that is a FIFO, a
+    device or a socket: one error naming it, exit 1, never opened."""
+    from converters.cli.check import check_paths
+
+    d = _short_dir()
+    sock = None
+    try:
+        folder = os.path.join(d, "b")
+        shutil.copytree(demo_bundle, folder)
+        sock = _special(kind, os.path.join(folder, "x.safetensors"))
+        alone = os.path.join(d, "y.safetensors")
+        if kind == "fifo":
+            os.mkfifo(alone)
+        else:
+            alone = os.path.join(folder, "x.safetensors")
+        errs = []
+        with _no_hang():
+            rc = check_paths([folder, alone], echo=lambda m: None, echo_err=errs.append)
+        assert rc == 1
+        refused = {e.split(":")[1].strip() for e in errs if "not a regular file" in e and "refused without opening" in e}
+        assert refused == {os.path.join(folder, "x.safetensors"), alone}, errs
+    finally:
+        if sock is not None:
+            sock.close()
+        shutil.rmtree(d)

@@ -38,6 +38,7 @@ def check_paths(paths, full_hash: bool = False, pin: str | None = None, echo=_ou
     returns the exit code (0 only if everything passed).  A path that does not exist,
     or a bad ``pin``, raises :class:`ConvertError`."""
     from ..format import family, schema
+    from ..io.files import file_kind, not_regular
     from . import golden
 
     if pin is not None:
@@ -66,6 +67,10 @@ def check_paths(paths, full_hash: bool = False, pin: str | None = None, echo=_ou
             if os.path.isdir(gdir):
                 files += golden.canonical_files(gdir)
     for f in files:
+        if file_kind(f) != "file":  # a FIFO, a device or a socket is refused without opening it
+            echo_err(f"error: {not_regular(f, expected='a canonical .safetensors file')}")
+            bad += 1
+            continue
         md = _metadata(f)
         if golden.is_golden(md):
             errs = golden.check_golden(f, full_hash)
