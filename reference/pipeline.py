@@ -261,7 +261,7 @@ def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, n
     fe, inf, rates = p["front_ends"], p["inference"], p["sample_rates"]
     dev = w["gpt"]["mel_head.weight"].device
     tr: dict[str, torch.Tensor] = {}
-    decoding, max_codes = decoding_for(inf, greedy, max_codes, num_beams)
+    decoding, max_codes = decoding_for(inf, greedy, max_codes, num_beams, w["gpt"])
 
     ids = _tokens(b, text_in)
 
@@ -349,10 +349,6 @@ def generate_codes(w, prompt, max_codes: int, decoding: Decoding, seed: int, tr:
     one lies outside the codec's codebook.  Records the raw codes and, for each of them,
     the raw logits it was chosen from (with beams: those of the returned sequence's beam
     at each step)."""
-    rows = w["gpt"]["mel_pos_embedding.weight"].shape[0]
-    if not 1 <= max_codes < rows:  # the start code takes position 0, so at most rows - 1 codes
-        raise PipelineError(f"max_codes {max_codes}: this bundle's GPT holds 1 to {rows - 1} codes "
-                            f"(gpt.safetensors mel_pos_embedding.weight has {rows} rows); pass --max-codes N within that")
     acts: dict[str, torch.Tensor] = {}
     raw = generate(w["gpt"], prompt, max_codes, decoding, torch.Generator().manual_seed(seed), acts)
     tr["codes.raw"] = raw
@@ -370,11 +366,12 @@ def generate_codes(w, prompt, max_codes: int, decoding: Decoding, seed: int, tr:
 
 
 def decoding_for(inf: dict, greedy: bool, max_codes: int | None,
-                 num_beams: int | None = None) -> tuple[Decoding, int]:
+                 num_beams: int | None = None, gpt=None) -> tuple[Decoding, int]:
     """The decoding settings from the manifest's ``inference.generation``, and the code
     cap (its ``max_mel_tokens`` unless given).  Sampling uses the manifest's
     ``num_beams`` (upstream's beam sampling), greedy one beam (greedy search), unless
-    ``num_beams`` is given; ``length_penalty`` (used with beams) is the manifest's."""
+    ``num_beams`` is given; ``length_penalty`` (used with beams) is the manifest's.  With
+    ``gpt`` (its canonical file), a cap beyond its mel positions is refused here, before any work."""
     gen = inf["generation"]
     if num_beams is None:
         num_beams = 1 if greedy else gen["num_beams"]
@@ -384,7 +381,13 @@ def decoding_for(inf: dict, greedy: bool, max_codes: int | None,
                      length_penalty=gen["length_penalty"])
     except ValueError as e:
         raise PipelineError(str(e)) from None
-    return d, max_codes if max_codes is not None else gen["max_mel_tokens"]
+    cap = max_codes if max_codes is not None else gen["max_mel_tokens"]
+    if gpt is not None:  # refused before any work: the start code takes mel position 0
+        rows = gpt["mel_pos_embedding.weight"].shape[0]
+        if not 1 <= cap < rows:
+            raise PipelineError(f"max_codes {cap}: this bundle's GPT holds 1 to {rows - 1} codes "
+                                f"(gpt.safetensors mel_pos_embedding.weight has {rows} rows); pass --max-codes N within that")
+    return d, cap
 
 
 def speaker_prompt(b: Bundle, prompt_audio, tr: dict, dev, to_mel_rate: bool):

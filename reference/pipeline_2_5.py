@@ -119,7 +119,7 @@ def run_2_5(b: Bundle, text_in: str, lang: str, prompt_audio, *, emotion_prompt=
     fe, inf, rates = p["front_ends"], p["inference"], p["sample_rates"]
     dev = w["gpt"]["mel_head.weight"].device
     tr: dict[str, torch.Tensor] = {}
-    decoding, max_codes = decoding_for(inf, greedy, max_codes, num_beams)
+    decoding, max_codes = decoding_for(inf, greedy, max_codes, num_beams, w["gpt"])
 
     lang, lang_id = language(b, lang)
     ids = _token_ids(b, text_in, lang)
