@@ -183,7 +183,8 @@ def choose(logits: torch.Tensor, seen: torch.Tensor, d: Decoding, generator: tor
         drop = ordered.softmax(-1).cumsum(-1) <= 1 - d.top_p
         drop[-1] = False
         scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+    # drawn on the CPU, where the generator is, whatever the device (a no-op on CPU)
+    return int(torch.multinomial(scores.softmax(-1).cpu(), 1, generator=generator))
 
 
 def _mel_logits(w, tokens: torch.Tensor, i: int, cache: list, valid: torch.Tensor) -> torch.Tensor:
@@ -290,7 +291,7 @@ def _beam_search(w, prompt: Prompt, max_codes: int, d: Decoding, generator, acts
         if d.greedy:
             top, index = torch.topk(total, nk)
         else:  # K draws without replacement, then ordered by score (a zero-probability id can be drawn last)
-            index = torch.multinomial(F.softmax(total, dim=-1), nk, generator=generator)
+            index = torch.multinomial(F.softmax(total, dim=-1).cpu(), nk, generator=generator).to(dev)  # CPU generator
             top, order = total.gather(1, index).sort(dim=-1, descending=True)
             index = index.gather(-1, order)
         src, code = index[0] // vocab, index[0] % vocab

@@ -42,7 +42,9 @@ needs ``lang``; the same options otherwise, the same :class:`Result`.
 Noise and sampling: the CFM noise is ``torch.randn([1, in_channels, T])`` from a CPU
 generator seeded with ``seed`` (upstream draws it from torch's global generator; seeding
 that right before ``cfm.inference`` gives the same values), or ``noise`` when given.
-Sampling draws from a second CPU generator seeded with ``seed``.
+Sampling draws from a second CPU generator seeded with ``seed``, on the CPU whatever the device
+(so ``--device cuda`` samples from the same random stream as a CPU run; upstream on a GPU draws
+from the CUDA generator instead, so seeded sampling matches upstream's on the CPU only).
 """
 
 from __future__ import annotations
