@@ -8,6 +8,26 @@ if ROOT not in sys.path:
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """``--dist loadgroup`` (make test) sends the tests of one ``xdist_group`` to one worker:
+    pytest-xdist 3.8 appends ``@<group>`` to each such test's nodeid by assigning
+    ``item._nodeid``, but pytest 9 keeps a node's id in ``item._id`` (a ``NodeId``), so
+    that assignment is lost and every group is split over the workers (each building the
+    group's session fixture again).  The same suffix, set where pytest 9 reads it."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest < 9: xdist's own assignment works
+        return
+    for item in items:
+        names = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+        suffix = "@" + "_".join(sorted(names))
+        if names and not item.nodeid.endswith(suffix) and isinstance(getattr(item, "_id", None), NodeId):
+            item._id = NodeId.parse(item.nodeid + suffix)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """The tests' tensors are tiny: one intra-op thread is faster than a pool (and than

@@ -160,3 +160,92 @@ def manifest(folder) -> dict:
     """A bundle's ``manifest.json``, parsed."""
     with open(os.path.join(folder, "manifest.json")) as f:
         return json.load(f)
+
+
+# ------------------------------------------------------------------ child Pythons with torch already imported
+
+_ZYGOTE = r"""
+import atexit, json, os, resource, signal, sys, threading, traceback
+import torch  # noqa: F401  (the one import the children share; nothing else is imported before their code runs)
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            sys.stdin = open(0, closefd=False)
+            os.environ.clear()
+            os.environ.update(job["env"])
+            os.chdir(job["cwd"])
+            if job["fsize"] is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (job["fsize"], job["fsize"]))
+            if job["ignore_sigxfsz"]:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            sys.argv = ["-c", *job["argv"]]
+            rc = 0
+            try:
+                exec(compile(job["code"], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+            except SystemExit as e:  # as the interpreter turns it into an exit status
+                if e.code is None:
+                    rc = 0
+                elif isinstance(e.code, int):
+                    rc = e.code & 0xFF
+                else:
+                    print(e.code, file=sys.stderr)
+                    rc = 1
+            except BaseException:
+                sys.excepthook(*sys.exc_info())
+                rc = 1
+            threading._shutdown()  # the interpreter's exit: threads joined, atexit handlers, streams flushed
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:
+            traceback.print_exc()
+            rc = 70
+        os._exit(rc)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)), flush=True)
+"""
+
+_zygote: dict = {}
+
+
+def python_c(code: str, *args, cwd=ROOT, fsize: int | None = None, ignore_sigxfsz: bool = False
+             ) -> subprocess.CompletedProcess:
+    """``python -c code *args`` (stdout and stderr captured, text), as ``subprocess.run``
+    gives it, in a child process forked from one Python of this test process that has
+    imported torch and nothing else of ours (started on first use): the child pays for
+    no interpreter start and no ``import torch`` (~1.5 s), and is otherwise what a new
+    process is: its own memory (VmHWM starts at what is mapped at the fork, as after an
+    exec), this process's environment and the given ``cwd``, ``sys.argv`` as ``-c``
+    sets it, everything beyond torch imported by its own code (after any patch or
+    import blocker it installs first), the interpreter's exit (its status from
+    SystemExit or a traceback, threads joined, atexit handlers), or a signal's death
+    (a negative returncode).  ``fsize``: an RLIMIT_FSIZE set in the child, and
+    ``ignore_sigxfsz`` SIGXFSZ ignored there (what a ``preexec_fn`` would set).  For
+    children whose point is what a fresh interpreter imports before torch (a module or
+    an ``os`` function hidden first, torch never imported), use a real subprocess."""
+    import atexit
+    import tempfile
+
+    z = _zygote.get("p")
+    if z is None or z.poll() is not None:
+        z = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        _zygote["p"] = z
+        atexit.register(lambda: (z.stdin.close(), z.wait()))
+    with tempfile.TemporaryDirectory(prefix="python-c-") as d:
+        out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
+        job = {"code": code, "argv": [str(a) for a in args], "cwd": str(cwd), "env": dict(os.environ),
+               "stdout": out, "stderr": err, "fsize": fsize, "ignore_sigxfsz": ignore_sigxfsz}
+        z.stdin.write(json.dumps(job) + "\n")
+        z.stdin.flush()
+        line = z.stdout.readline()
+        if not line:
+            raise RuntimeError("the forking Python (tests/helpers.py python_c) died")
+        with open(out) as f, open(err) as g:
+            return subprocess.CompletedProcess([sys.executable, "-c", code, *map(str, args)], json.loads(line),
+                                               f.read(), g.read())

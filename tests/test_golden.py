@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from converters.cli.golden import check_golden
 from reference.entry import MODULES
-from tests.helpers import ROOT, assert_refused, run_cli
+from tests.helpers import ROOT, assert_refused, python_c, run_cli
 
 DEMO = os.path.join(ROOT, "demo", "release")
 
@@ -175,7 +173,7 @@ def test_reference_reads_only_canonical_files(bundle):
     """Every entry point, and the front ends on the manifest's values, run with upstream
     code, transformers, YAML, the converter, the safetensors library and the audio
     libraries upstream uses (librosa, torchaudio, soundfile, scipy) unimportable."""
-    p = subprocess.run([sys.executable, "-c", BLOCKER, str(bundle)], capture_output=True, text=True, cwd=ROOT)
+    p = python_c(BLOCKER, bundle)  # forked with torch imported, nothing else (tests/helpers.py)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     ran = lines[0].split()

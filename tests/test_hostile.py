@@ -6,7 +6,6 @@ The corpus comes from tests/hostile.py; one test per case asserts the exact outc
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from tests import hostile
-from tests.helpers import ROOT, assert_refused, back_to_upstream, run_cli
+from tests.helpers import ROOT, assert_refused, back_to_upstream, python_c, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +93,18 @@ def test_compressed_records_convert_without_mmap(tmp_path, good):
     _converted_equals_good(tmp_path, hostile.compressed_records(str(tmp_path / "src"), good), good)
 
 
-def _run_limited(args, limit_bytes: int, ignore_sigxfsz: bool):
-    def pre():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN if ignore_sigxfsz else signal.SIG_DFL)
+# ``python convert.py ARGS`` run by python_c (a child forked with torch imported: tests/helpers.py)
+CONVERT_PY = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(sys.argv[0])
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
-    return subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, preexec_fn=pre)
+
+def _run_limited(args, limit_bytes: int, ignore_sigxfsz: bool):
+    """convert.py in a child whose RLIMIT_FSIZE is ``limit_bytes``."""
+    return python_c(CONVERT_PY, os.path.join(ROOT, "convert.py"), *args, fsize=limit_bytes, ignore_sigxfsz=ignore_sigxfsz)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +175,7 @@ def test_killed_mid_write(good, where, out_dir):
     out = out_dir / "o.safetensors"
     out.write_bytes(b"earlier output")
     code = KILLER.format(root=ROOT, where=where, args=["bigvgan", os.path.dirname(good), str(out), "--force", "--quiet"])
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    p = python_c(code)  # a child process, forked with torch imported (tests/helpers.py)
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert out.read_bytes() == b"earlier output"
     left = sorted(os.listdir(out_dir))

@@ -295,9 +295,11 @@ def _both(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_check_schema_versions(demo, tmp_path, capsys):
+def test_check_schema_versions(demo_bundle, tmp_path, capsys):
+    """(On conftest's demo bundle, converted in this process: the checks read one
+    canonical file, and the slow tests' ``demo`` fixture pays two convert.py processes.)"""
     major, minor = schema.parse_version(schema.schema_version())
-    gpt = os.path.join(demo, "gpt.safetensors")
+    gpt = os.path.join(demo_bundle, "gpt.safetensors")
     old = with_metadata(gpt, tmp_path / "old.safetensors", schema_version=str(major))
     code, out, _ = _both(capsys, old)
     assert code == 0 and f"(gpt, schema v{major})" in out  # a file that says "1" passes as 1.0

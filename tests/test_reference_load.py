@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from safetensors.torch import save_file
 
 from reference.header import layout_problems, read_header
 from reference.load import CanonicalFile, LoadError, load
-from tests.helpers import ROOT, convert_in_process
+from tests.helpers import ROOT, convert_in_process, python_c
 
 DEMO = os.path.join(ROOT, "demo", "release")
 
@@ -211,8 +209,9 @@ def test_loader_imports_nothing_but_torch():
     library, YAML or upstream code."""
     code = ("import sys, reference.load; bad = [m for m in ('converters', 'safetensors', 'yaml', 'transformers', "
             "'indextts', 'tests') if m in sys.modules]; print(bad)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
-    assert out.strip() == "[]"
+    p = python_c(code)  # forked with torch imported, nothing else (tests/helpers.py)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------ full size

@@ -141,6 +141,25 @@ def _name_vocoder(release, name):
     (release / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
+def _all_reading_hf_env(*args):
+    """``all`` in this process (run_cli), with huggingface_hub's constants, which it reads
+    from the environment when first imported (the cache location among them), read
+    again from the environment the test set, as a new process's import would; the
+    module's values are put back afterwards.  (A ``python convert.py`` process for each
+    case would pay for starting Python and importing torch, ~2 s.)"""
+    import importlib
+
+    from huggingface_hub import constants
+
+    saved = dict(vars(constants))
+    try:
+        importlib.reload(constants)
+        return run_cli(*args)
+    finally:
+        vars(constants).clear()
+        vars(constants).update(saved)
+
+
 def test_hugging_face_cache_discovery(release, tmp_path, monkeypatch):
     snap = _fake_hf_cache(tmp_path, release, "facebook/w2v-bert-2.0", "w2v-bert-2.0")
     _name_vocoder(release, "nvidia/bigvgan_tiny_demo")  # the vocoder config.yaml names is looked up in the cache
@@ -149,7 +168,7 @@ def test_hugging_face_cache_discovery(release, tmp_path, monkeypatch):
     _fake_hf_cache(tmp_path, release, "funasr/campplus", "campplus", rev="cafe")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     out = tmp_path / "out"
-    p = run_cli("all", "--src", release, "--out", out, "--quiet", process=True)  # huggingface_hub reads the env at import
+    p = _all_reading_hf_env("all", "--src", release, "--out", out, "--quiet")  # huggingface_hub reads the env at import
     assert f"w2v-bert: {snap} (in the Hugging Face cache (facebook/w2v-bert-2.0))" in p.stdout
     for repo in ("nvidia/bigvgan_tiny_demo", "amphion/MaskGCT", "funasr/campplus"):
         assert f"(in the Hugging Face cache ({repo}))" in p.stdout
@@ -178,7 +197,7 @@ def test_cache_location_follows_huggingface_hub(release, tmp_path, monkeypatch, 
     monkeypatch.setenv(env, str(tmp_path / "xdg" if env == "XDG_CACHE_HOME" else hub))
     base = hub / "models--funasr--campplus"
     shutil.move(str(release / "campplus"), str(base / "snapshots" / "c0ffee"))  # no refs/main: the only snapshot
-    p = run_cli("all", "--src", release, "--out", tmp_path / "out", "--quiet", process=True)
+    p = _all_reading_hf_env("all", "--src", release, "--out", tmp_path / "out", "--quiet")
     assert f"campplus: {base / 'snapshots' / 'c0ffee'} (in the Hugging Face cache (funasr/campplus))" in p.stdout
 
 

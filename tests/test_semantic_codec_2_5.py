@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -21,7 +19,7 @@ import torch
 from converters.models import semantic_codec_v2_5 as conv
 from converters.format.schema import check_file
 from reference import semantic_codec as ref
-from tests.helpers import ROOT, back_to_upstream, convert_in_process, metadata, reference_load, rewrite, swap_rows
+from tests.helpers import ROOT, back_to_upstream, convert_in_process, metadata, python_c, reference_load, rewrite, swap_rows
 from tests.upstream import semantic_codec25 as up
 
 ENTRY = {e.name: e for e in ref.ENTRIES_2_5}
@@ -159,7 +157,7 @@ def test_optimizer_state_is_never_read(tmp_path):
     for scale in (1, 4500):
         src = up.save_release(sd, str(tmp_path / f"r{scale}"), optimizer_scale=scale)
         out = str(tmp_path / f"o{scale}.safetensors")
-        p = subprocess.run([sys.executable, "-c", CHILD.format(root=ROOT, src=src, out=out)], capture_output=True, text=True)
+        p = python_c(CHILD.format(root=ROOT, src=src, out=out))  # a child forked with torch imported (tests/helpers.py)
         assert p.returncode == 0, p.stderr
         peaks.append(int(p.stdout.split()[-1]))
         if scale > 1:

@@ -6,15 +6,13 @@ provenance check alone passes, and refuses plainly when upstream code is missing
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 from click.testing import CliRunner
 
 from converters.cli.commands import main
 from reference.entry import MODULES, entries
-from tests.helpers import ROOT, assert_refused, convert_in_process, manifest, swap_rows
+from tests.helpers import ROOT, assert_refused, convert_in_process, manifest, python_c, swap_rows
 
 DEMO = os.path.join(ROOT, "demo", "release")
 
@@ -108,8 +106,7 @@ def test_refuses_plainly_without_upstream(bundle, blocked, model, package):
     """Not a skip: one error line saying which package is missing and that the forward
     comparison was not run; nothing is compared first."""
     src = os.path.join(DEMO, "w2v-bert-2.0" if model.startswith("w2v") else "")
-    p = subprocess.run([sys.executable, "-c", BLOCKER, blocked, "verify", "--forward", src, str(bundle / model)],
-                       capture_output=True, text=True, cwd=ROOT)
+    p = python_c(BLOCKER, blocked, "verify", "--forward", src, bundle / model)  # forked with torch imported (tests/helpers.py)
     assert_refused(p, "the forward comparison was not run", f"package {package} is missing", "pip install")
     assert p.stderr.count("\n") == 1 and p.stdout == "", (p.stdout, p.stderr)
 
