@@ -47,15 +47,16 @@ golden: $(VENV)/.runtime
 
 # Two pytest workers (pytest-xdist): the suite is CPU-bound and the build machines have 2 cores.
 TEST_WORKERS ?= 2
-# `make test` leaves out the tests marked slow (pyproject.toml) and runs the two end-to-end tests in
-# their bounded form (w2v-bert features of an identical input reused); `make test-slow` runs the slow
-# tests and the full end-to-end form (every feature computed).  CI runs both.
+# `make test` leaves out the tests marked slow (pyproject.toml) and runs two kinds in a bounded form:
+# the two end-to-end tests (w2v-bert features of an identical input reused) and the property tests
+# (a quarter of the examples).  `make test-slow` runs the slow tests and those two kinds in full
+# (INDEXTTS_TEST_FULL=1).  CI runs both.
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests
 
 test-slow: $(VENV)/.dev
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m slow tests
-	INDEXTTS_E2E_FULL=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m e2e -k end_to_end tests
+	INDEXTTS_TEST_FULL=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "e2e or fuzz" -k "end_to_end or test_fuzz" tests
 
 # Full-size synthetic inputs (~7 GB, generated once into BENCH_CACHE) and the
 # measurements of issue 8; results in bench-results/.  Not a test: CI does not run it.

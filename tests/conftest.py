@@ -8,20 +8,41 @@ if ROOT not in sys.path:
 import pytest  # noqa: E402
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """``--dist loadgroup`` (make test) sends the tests of one ``xdist_group`` to one worker:
+    """Under ``--dist loadgroup`` (make test) a test outside any ``xdist_group`` is sent
+    to either worker on its own, so a module-scoped fixture is built once on each worker
+    whose tests use it (a release written and converted twice).  The tests that use a
+    module-scoped fixture of their own module are put in one group per module (here,
+    before pytest-xdist reads the groups); the other tests stay free to balance the two
+    workers."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        module = getattr(getattr(item, "module", None), "__name__", None)
+        if module is None or item.get_closest_marker("xdist_group") is not None:
+            continue
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(getattr(d, "scope", None) == "module" and getattr(getattr(d, "func", None), "__module__", None) == module
+               for ds in defs.values() for d in ds):
+            item.add_marker(pytest.mark.xdist_group(f"{module}:module-fixtures"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_finish(session):
+    """``--dist loadgroup`` sends the tests of one ``xdist_group`` to one worker:
     pytest-xdist 3.8 appends ``@<group>`` to each such test's nodeid by assigning
     ``item._nodeid``, but pytest 9 keeps a node's id in ``item._id`` (a ``NodeId``), so
     that assignment is lost and every group is split over the workers (each building the
-    group's session fixture again).  The same suffix, set where pytest 9 reads it."""
-    if not getattr(config.option, "loadgroup", False):
+    group's fixtures again).  The same suffix, set where pytest 9 reads it, before the
+    worker reports its collection."""
+    if not getattr(session.config.option, "loadgroup", False):
         return
     try:
         from _pytest.nodeid import NodeId
     except ImportError:  # pytest < 9: xdist's own assignment works
         return
-    for item in items:
+    for item in session.items:
         names = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
         suffix = "@" + "_".join(sorted(names))
         if names and not item.nodeid.endswith(suffix) and isinstance(getattr(item, "_id", None), NodeId):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -61,6 +62,7 @@ def _close(a: dict, b: dict, key: str) -> None:
     assert abs(a["mean"] - b["mean"]) <= 1e-3 * a["std"] + 1e-12, key
 
 
+@pytest.mark.slow
 def test_the_snapshot_is_current(tmp_path, layout):
     from tests.upstream import chain
 
@@ -103,6 +105,7 @@ def _zeros(file: str, t: dict) -> torch.Tensor:
     return torch.zeros(t["shape"], dtype=getattr(torch, t["dtype"]))
 
 
+@pytest.mark.slow
 def test_build_reproduces_the_snapshot(tmp_path, layout):
     rest = set(layout["weights"]) - {BIG}
     out = cd.build(str(tmp_path / "demo"), DIR, only=rest)
@@ -122,6 +125,8 @@ def test_build_reproduces_the_snapshot(tmp_path, layout):
     for f in ("feat2.pt", "s2mel.pth", "config.yaml"):
         with open(os.path.join(out, f), "rb") as x, open(os.path.join(again, f), "rb") as y:
             assert x.read() == y.read(), f
+    for d in (out, big, again):  # 0.6 GB, removed while in the page cache (pytest keeps the last runs' folders)
+        shutil.rmtree(d)
 
 
 def _check_file(path: str, f: str, layout: dict, random: bool) -> None:

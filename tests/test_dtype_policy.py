@@ -16,6 +16,9 @@ from converters.format import schema
 from tests.helpers import ROOT, assert_dtype_policy, assert_refused, load_canonical, metadata, rewrite, run_cli
 
 DEMO = os.path.join(ROOT, "demo", "release")
+
+# One worker: the two half-precision bundles (module fixture `half`) converted once, not once per worker.
+pytestmark = pytest.mark.xdist_group("dtype-policy")
 FILES = ["gpt", "s2mel", "w2v_bert", "bigvgan", "campplus", "semantic_codec", "speaker_matrix", "emotion_matrix"]
 
 

@@ -22,7 +22,9 @@ import torch
 from tests.helpers import run_cli
 from tests.upstream import chain, e2e
 
-pytestmark = pytest.mark.e2e
+# One worker for the whole module: the two chained releases share their w2v-bert files
+# and every test here imports upstream's inference code.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e-upstream")]
 
 PROMPT_S = 1.5
 MAX_CODES = 12
@@ -43,10 +45,15 @@ class Chain:
     seconds: dict = field(default_factory=dict)
 
 
+_W2V_WRITTEN: list[str] = []  # the w2v-bert folders of this process's chained releases (seed 0), while they exist
+
+
 def _chain(tmp_path_factory, version: str) -> Chain:
     root = tmp_path_factory.mktemp(f"chain-{version}")
     t0 = time.perf_counter()
-    release = chain.write_release(root / "release", version, seed=0)
+    earlier = next((d for d in _W2V_WRITTEN if os.path.isdir(d)), None)  # both versions' w2v-bert are one model
+    release = chain.write_release(root / "release", version, seed=0, w2v_from=earlier)
+    _W2V_WRITTEN.append(chain.w2v_folder(release, version))
     t1 = time.perf_counter()
     bundle = root / "bundle"
     run_cli("all", "--src", release, "--out", bundle, "--quiet")
@@ -55,35 +62,52 @@ def _chain(tmp_path_factory, version: str) -> Chain:
     return Chain(str(release), str(bundle), prompt, {"generate": t1 - t0, "convert": t2 - t1})
 
 
-@pytest.fixture(scope="session")
+def _dropped(c: Chain) -> None:
+    """The release and the bundle (1.2 GB) removed once the module's tests are done with
+    them, while they are still in the page cache (pytest keeps every tmp folder of the
+    last three runs, and the run after next would pay for removing these from disk)."""
+    import shutil
+
+    for d in (c.release, c.bundle):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
 def chain_2_0(tmp_path_factory):
-    return _chain(tmp_path_factory, "2.0")
+    c = _chain(tmp_path_factory, "2.0")
+    yield c
+    _dropped(c)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chain_2_5(tmp_path_factory):
-    return _chain(tmp_path_factory, "2.5")
+    c = _chain(tmp_path_factory, "2.5")
+    yield c
+    _dropped(c)
 
 
-# INDEXTTS_E2E_FULL=1: the full form of the two end-to-end tests (make test runs the bounded one; see w2v_reused).
-E2E_FULL = os.environ.get("INDEXTTS_E2E_FULL", "") not in ("", "0")
+# INDEXTTS_TEST_FULL=1 (make test-slow): the full form of the two end-to-end tests (make test runs the bounded
+# one; see w2v_reused).
+E2E_FULL = os.environ.get("INDEXTTS_TEST_FULL", "") not in ("", "0")
 
 
 @pytest.fixture
 def w2v_reused(monkeypatch):
     """The bounded form of the two end-to-end tests (make test): within a test, the
-    reference's w2v-bert semantic features (~0.4 s a call at 1024 wide x 17 layers, two
+    reference's w2v-bert hidden states (~0.4 s a call at 1024 wide x 17 layers, two
     calls a synthesis, ~14 syntheses) are computed once per distinct input and reused by
     the later syntheses on the same input: the emotion-vector and emotion-prompt
     variants, the glue sensitivity runs and the 2.5 CLI run.  An input is the bundle
-    file, its w2v-bert config (a spoiler may change the hidden-state index: then it is
-    computed again) and the exact input features and mask.  The first synthesis, the
-    greedy equality with upstream, computes its own (every call misses); every later
-    one still runs every step after the features, which is what the variants and the
-    spoilers change.  (A reuse that went wrong could only make a spoiled run look like
-    upstream's, which fails the sensitivity check, never passes it.)  With
-    INDEXTTS_E2E_FULL=1 (the full form) every synthesis computes its own.  Yields the
-    number of reused calls."""
+    file, its w2v-bert config and the exact input features and mask; the hidden-state
+    index is not part of it (``reference.w2v_bert.all_hidden_states`` does not read it):
+    the spoiler that changes it gets hidden state 16 of the same computation, which is
+    what running 16 layers gives, and the real ``semantic_features`` still picks it and
+    normalises it.  The first synthesis, the greedy equality with upstream, computes
+    its own (every call misses); every later one still runs every step after the
+    hidden states, which is what the variants and the spoilers change.  (A reuse that
+    went wrong could only make a spoiled run look like upstream's, which fails the
+    sensitivity check, never passes it.)  With INDEXTTS_TEST_FULL=1 (the full form)
+    every synthesis computes its own.  Yields the numbers of computed and reused calls."""
     import hashlib
     import json
 
@@ -93,23 +117,25 @@ def w2v_reused(monkeypatch):
     if E2E_FULL:
         yield stats
         return
-    real, memo = w2v_bert.semantic_features, {}
+    real, memo = w2v_bert.all_hidden_states, {}
 
     def digest(t):
         return None if t is None else (tuple(t.shape), str(t.dtype), hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest())
 
-    def semantic_features(w, input_features, attention_mask=None, acts=None):
+    def all_hidden_states(w, input_features, attention_mask=None, acts=None, layers=None):
         if acts is not None:
-            return real(w, input_features, attention_mask, acts)
-        key = (w.path, json.dumps(w.config, sort_keys=True), digest(input_features), digest(attention_mask))
-        if key in memo:
+            return real(w, input_features, attention_mask, acts, layers)
+        layers = w.config["num_hidden_layers"] if layers is None else layers
+        cfg = {k: v for k, v in w.config.items() if k != "indextts2_hidden_state_index"}
+        key = (w.path, json.dumps(cfg, sort_keys=True), digest(input_features), digest(attention_mask))
+        if key in memo and len(memo[key]) > layers:
             stats["reused"] += 1
         else:
             stats["computed"] += 1
-            memo[key] = real(w, input_features, attention_mask)
-        return memo[key].clone()
+            memo[key] = real(w, input_features, attention_mask, None, layers)
+        return [h.clone() for h in memo[key][: layers + 1]]
 
-    monkeypatch.setattr(w2v_bert, "semantic_features", semantic_features)
+    monkeypatch.setattr(w2v_bert, "all_hidden_states", all_hidden_states)
     yield stats
 
 
@@ -252,7 +278,6 @@ def _synthesize(pipeline, bundle: str, text: str, prompt: str, **kw):
 # ------------------------------------------------------------------ the two releases
 
 
-@pytest.mark.xdist_group("chain-2.0")
 def test_end_to_end_2_0(chain_2_0, record_property, w2v_reused):
     """IndexTTS-2.0: infer_v2's own inference on the chained release, every intermediate
     recorded and consistent, greedy = the argmax of the penalised logits; the emotion-
@@ -611,7 +636,6 @@ def _cli(*args) -> tuple[int, str]:
     return rc, err.getvalue()
 
 
-@pytest.mark.xdist_group("chain-2.0")
 def test_synthesize_cli_is_deterministic(chain_2_0, tmp_path):
     """The same inputs and seed give byte-identical WAV and trace files; the trace holds
     the steps in order, the options and the sha256 of every bundle file used."""
@@ -642,7 +666,6 @@ def test_synthesize_cli_is_deterministic(chain_2_0, tmp_path):
         assert json.loads(meta["options"])["seed"] == 3 and json.loads(meta["options"])["greedy"] is False
 
 
-@pytest.mark.xdist_group("chain-2.0")
 def test_synthesize_cli_refuses_bad_input_in_one_line(chain_2_0, tmp_path):
     """One ``error:`` line, exit status 1, and no output file, for each kind of bad input."""
     import wave
@@ -688,7 +711,6 @@ def test_synthesize_cli_refuses_bad_input_in_one_line(chain_2_0, tmp_path):
 # ------------------------------------------------------------------ golden/pipeline.safetensors
 
 
-@pytest.mark.xdist_group("chain-2.0")
 def test_golden_pipeline_trace(chain_2_0, tmp_path):
     """``convert.py golden`` writes ``golden/pipeline.safetensors`` (here only that part, on
     a copy of the bundle); ``check`` accepts it, and refuses it once a bundle file it was

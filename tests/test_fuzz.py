@@ -20,6 +20,7 @@ import zipfile
 import zlib
 from datetime import timedelta
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,8 +34,17 @@ from converters.errors import ConvertError
 from converters.io.sources import open_source
 from tests import hostile
 
-FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-SLOW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+# make test runs the bounded form: a quarter of the examples; INDEXTTS_TEST_FULL=1 (make test-slow) all of them.
+FULL = os.environ.get("INDEXTTS_TEST_FULL", "") not in ("", "0")
+pytestmark = pytest.mark.fuzz
+
+
+def _examples(n: int) -> int:
+    return n if FULL else n // 4
+
+
+FAST = settings(max_examples=_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SLOW = settings(max_examples=_examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 tensors = st.dictionaries(
     st.text("abcdefgh._", min_size=1, max_size=8),
@@ -175,7 +185,7 @@ def test_bounded_record_reader(tmp_path, rec):
 # one-line ConvertError.  torch.load runs only on files the reader accepted: those passed
 # its tuple-depth check, so torch cannot crash on them.
 
-AGREE = settings(max_examples=300, deadline=timedelta(seconds=10), suppress_health_check=list(HealthCheck))
+AGREE = settings(max_examples=_examples(300), deadline=timedelta(seconds=10), suppress_health_check=list(HealthCheck))
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,6 +10,10 @@ import pytest
 
 from bench import layout
 
+# One worker: bench.layout computes the layout at the released configs once per process
+# (~3 s: the meta-device upstream models) and every test here reads it.
+pytestmark = pytest.mark.xdist_group("layout-snapshot")
+
 
 def test_snapshot_is_the_current_layout():
     want, got = layout.load(), layout.snapshot()

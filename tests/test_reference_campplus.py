@@ -19,6 +19,9 @@ from tests.upstream import campplus as up
 
 DEMO = os.path.join(ROOT, "demo", "release", "campplus")
 
+# One worker: the tiny and full-size CAMPPlus releases (module fixtures) built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("reference-campplus")
+
 
 def upstream_from(folder: str):
     """infer_v2's loading: CAMPPlus(**args) (IndexTTS-2's, or campplus.json's), the pickled

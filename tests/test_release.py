@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,9 +231,8 @@ def test_explicit_flag_wins(release, tmp_path):
     assert f"bigvgan: {other} (given on the command line)" in p.stdout
 
 
-def test_check_validatesmanifest(release, tmp_path):
-    out = tmp_path / "out"
-    run_cli("all", "--src", release, "--out", out, "--quiet")
+def test_check_validatesmanifest(demo_bundle, tmp_path):
+    out = shutil.copytree(demo_bundle, tmp_path / "out")  # `all` on the demo release (conftest), a copy to edit
     shutil.copy(out / "bigvgan.safetensors", out / "stray.safetensors")
     assert_refused(run_cli("check", out, expect=None), "stray.safetensors is in the folder but not in the manifest")
     os.unlink(out / "stray.safetensors")
@@ -240,9 +240,8 @@ def test_check_validatesmanifest(release, tmp_path):
     assert_refused(run_cli("check", out, expect=None), "lists gpt.safetensors, which is missing")
 
 
-def test_check_hash_detects_changed_bytes(release, tmp_path):
-    out = tmp_path / "out"
-    run_cli("all", "--src", release, "--out", out, "--quiet")
+def test_check_hash_detects_changed_bytes(demo_bundle, tmp_path):
+    out = shutil.copytree(demo_bundle, tmp_path / "out")  # `all` on the demo release (conftest), a copy to edit
     data = bytearray((out / "bigvgan.safetensors").read_bytes())
     data[-3] ^= 0xFF  # inside the last tensor: headers still pass
     (out / "bigvgan.safetensors").write_bytes(bytes(data))
@@ -250,9 +249,8 @@ def test_check_hash_detects_changed_bytes(release, tmp_path):
     assert_refused(run_cli("check", out, "--hash", expect=None), "does not match its sha256")
 
 
-def test_verify_passes_and_catches_a_changed_value(release, tmp_path):
-    out = tmp_path / "out"
-    run_cli("all", "--src", release, "--out", out, "--quiet")
+def test_verify_passes_and_catches_a_changed_value(demo_bundle, tmp_path):
+    release, out = Path(DEMO), demo_bundle  # `all` on the demo release, read only (conftest)
     p = run_cli("verify", release / "gpt.pth", out / "gpt.safetensors")
     assert "verified" in p.stdout and "max_abs_diff=0" in p.stdout
     run_cli("verify", release / "w2v-bert-2.0", out / "w2v_bert.safetensors",
@@ -286,11 +284,10 @@ def test_make_convert_default_runs_on_the_demo(tmp_path):
         assert w.getframerate() == 22050 and w.getnframes() > 0
 
 
-def test_verify_every_demo_output(release, tmp_path):
+def test_verify_every_demo_output(demo_bundle):
     """verify recomputes every tensor of every model (weight-norm and batch-norm folds,
     splits, regenerated buffers) from its source and finds no difference."""
-    out = tmp_path / "out"
-    run_cli("all", "--src", release, "--out", out, "--quiet")
+    release, out = Path(DEMO), demo_bundle  # `all` on the demo release, read only (conftest)
     m = manifest(out)
     assert sorted(m["files"]) == sorted(OUTS)
     for name, entry in m["files"].items():

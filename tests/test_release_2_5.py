@@ -18,6 +18,9 @@ from converters.release import pipeline
 from tests.helpers import ROOT, assert_refused, copy_release, manifest, metadata, rewrite, run_cli
 
 DEMO = os.path.join(ROOT, "demo", "release-2.5")
+
+# One worker: the converted 2.5 demo (module fixture `converted`) built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("release-2.5")
 DEMO_20 = os.path.join(ROOT, "demo", "release")
 OUTS = ["bigvgan.safetensors", "campplus.safetensors", "emotion_matrix.safetensors", "gpt.safetensors",
         "s2mel.safetensors", "semantic_codec.safetensors", "speaker_matrix.safetensors", "w2v_bert.safetensors"]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ..format import family, schema
 from ..errors import ConvertError
+from ..io import configs
 from ..io.files import file_kind, not_regular, regular_file
 from ..models.registry import EXTRA_FILES, SOURCE_FILES, locate
 
@@ -209,7 +210,7 @@ def read_release_config(release_dir: str, version: str = family.DEFAULT) -> tupl
                       f"`{fetch_command(RELEASE_REPOS[version], (RELEASE_CONFIG,), release_dir)}`")
     try:
         with open(path) as f:
-            doc = yaml.safe_load(f)
+            doc = configs.parse_yaml(f)
     except (OSError, yaml.YAMLError) as e:
         raise ConvertError(f"{path}: cannot read the release config: {e}") from None
     if not isinstance(doc, dict):

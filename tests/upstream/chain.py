@@ -172,7 +172,17 @@ def _bigvgan(folder: str, seed: int) -> None:
     bigvgan.save_release(m, folder, BIGVGAN)
 
 
-def _save_w2v(folder: str, seed: int) -> None:
+def _save_w2v(folder: str, seed: int, w2v_from: str | None = None) -> None:
+    if w2v_from is not None:  # the same model, written by an earlier write_release with this seed: linked
+        os.makedirs(folder)
+        for n in sorted(os.listdir(w2v_from)):
+            try:
+                os.link(os.path.join(w2v_from, n), os.path.join(folder, n))
+            except OSError:  # another filesystem
+                import shutil
+
+                shutil.copyfile(os.path.join(w2v_from, n), os.path.join(folder, n))
+        return
     with _no_init():
         m = w2v_bert.build(W2V, seed=_seed(seed, "w2v"))
     w2v_bert.save_plain(m, folder)
@@ -241,9 +251,12 @@ def tiktoken_vocab(release_dir: str) -> int:
     return enc.n_vocab
 
 
-def write_release(folder, version: str = "2.0", seed: int = 0) -> str:
+def write_release(folder, version: str = "2.0", seed: int = 0, w2v_from: str | None = None) -> str:
     """A complete release folder that ``convert.py all --src folder`` converts and
-    upstream's inference loads (tests/upstream/e2e.py)."""
+    upstream's inference loads (tests/upstream/e2e.py).  ``w2v_from``: the w2v-bert
+    folder of a release written before with the same ``seed`` (either version: both
+    write the same model), whose files are linked instead of building and saving the
+    0.5 GB model again (see :func:`w2v_folder`)."""
     folder = str(folder)
     os.makedirs(folder, exist_ok=True)
     if version == "2.0":
@@ -253,7 +266,7 @@ def write_release(folder, version: str = "2.0", seed: int = 0) -> str:
         torch.save(gpt.release_state_dict(m), os.path.join(folder, "gpt.pth"))
         del m
         _save_s2mel(os.path.join(folder, "s2mel.pth"), seed, cfg["s2mel"], "training")
-        _save_w2v(os.path.join(folder, "w2v-bert-2.0"), seed)
+        _save_w2v(os.path.join(folder, "w2v-bert-2.0"), seed, w2v_from)
         semantic_codec.save_release(semantic_codec.build(cfg["semantic_codec"], seed=_seed(seed, "codec")),
                                     os.path.join(folder, "MaskGCT"), write_config=False)
         campplus.save_release(campplus.build(campplus.REAL, seed=_seed(seed, "campplus")), os.path.join(folder, "campplus"))
@@ -271,7 +284,7 @@ def write_release(folder, version: str = "2.0", seed: int = 0) -> str:
         semantic_codec25.save_release(semantic_codec25.build(cfg["semantic_codec"], seed=_seed(seed, "codec")), folder,
                                       write_config=False)
         cache = os.path.join(folder, "hf_cache")
-        _save_w2v(os.path.join(cache, "w2v-bert-2.0"), seed)
+        _save_w2v(os.path.join(cache, "w2v-bert-2.0"), seed, w2v_from)
         campplus.save_release(campplus.build(campplus.REAL, seed=_seed(seed, "campplus")), cache)
         _bigvgan(os.path.join(cache, "bigvgan"), seed)
         model_dim = cfg["gpt"]["model_dim"]
@@ -281,6 +294,11 @@ def write_release(folder, version: str = "2.0", seed: int = 0) -> str:
     _matrices(folder, seed, model_dim)
     qwen_emotion.write_demo(folder, cfg)
     return folder
+
+
+def w2v_folder(release_dir, version: str) -> str:
+    """Where write_release puts the w2v-bert model of a ``version`` release."""
+    return os.path.join(str(release_dir), *(("hf_cache",) if version == "2.5" else ()), "w2v-bert-2.0")
 
 
 # ------------------------------------------------------------------ prompts
