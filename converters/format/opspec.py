@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 Shape = tuple[int, ...]
 
@@ -56,7 +57,13 @@ FLOAT_ARGS = {"eps"}
 
 
 def parse(op: str) -> list[Step]:
-    steps = []
+    """The steps of ``op`` (a new list; the steps are immutable and shared)."""
+    return list(_parse(op))
+
+
+@lru_cache(maxsize=4096)  # a bundle's tables repeat a few dozen ops over every tensor
+def _parse(op: str) -> tuple[Step, ...]:
+    steps: list[Step] = []
     for i, part in enumerate(op.split("|")):
         m = _STEP_RE.match(part.strip())
         if not m or m.group(1) not in STEPS:
@@ -77,7 +84,7 @@ def parse(op: str) -> list[Step]:
         if i > 0 and name in FIRST_ONLY and not fold_then_split:
             raise OpError(f"{name} may only be the first step of a chain: {op!r}")
         steps.append(step)
-    return steps
+    return tuple(steps)
 
 
 def n_inputs(op: str) -> int:

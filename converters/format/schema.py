@@ -228,7 +228,21 @@ def dtype_classes(kind: str, config: dict, family_version: str = family.DEFAULT)
 
 
 def expected_tensors(kind: str, config: dict, family_version: str = family.DEFAULT) -> dict[str, dict]:
-    """name -> {"shape": [...], "dtype": class, "env": loop values} for this config."""
+    """name -> {"shape": [...], "dtype": class, "env": loop values} for this config (the
+    entries are shared between calls: read them, do not change them)."""
+    try:
+        key = json.dumps(config, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):  # not a JSON config: expanded afresh
+        return _expected_tensors(kind, config, family_version)
+    return dict(_expected_for_json(kind, key, family_version))
+
+
+@lru_cache(maxsize=256)  # one entry per model and config: every check and conversion of a bundle repeats them
+def _expected_for_json(kind: str, config_json: str, family_version: str) -> dict[str, dict]:
+    return _expected_tensors(kind, json.loads(config_json), family_version)
+
+
+def _expected_tensors(kind: str, config: dict, family_version: str) -> dict[str, dict]:
     spec = model_spec(kind, family_version)
     env = dict(config)
     for k, expr in spec.get("let", {}).items():
