@@ -636,6 +636,7 @@ def _cli(*args) -> tuple[int, str]:
     return rc, err.getvalue()
 
 
+@pytest.mark.slow  # two CLI syntheses with sampling (make test-slow; the equality tests above stay in make test)
 def test_synthesize_cli_is_deterministic(chain_2_0, tmp_path):
     """The same inputs and seed give byte-identical WAV and trace files; the trace holds
     the steps in order, the options and the sha256 of every bundle file used."""
@@ -711,6 +712,7 @@ def test_synthesize_cli_refuses_bad_input_in_one_line(chain_2_0, tmp_path):
 # ------------------------------------------------------------------ golden/pipeline.safetensors
 
 
+@pytest.mark.slow  # convert.py golden's pipeline trace written, checked and replayed (make test-slow)
 def test_golden_pipeline_trace(chain_2_0, tmp_path):
     """``convert.py golden`` writes ``golden/pipeline.safetensors`` (here only that part, on
     a copy of the bundle); ``check`` accepts it, and refuses it once a bundle file it was
