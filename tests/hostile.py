@@ -49,8 +49,26 @@ def truncated_safetensors(folder, good):
     return _sibling(folder, "model.safetensors", data[: len(data) - 100], good)
 
 
+def _noise(n: int, seed: int) -> bytes:
+    """Seeded random bytes: the same file on every run (os.urandom once drew, one run in
+    256, a ninth byte of ``{`` and so a different, safetensors-shaped refusal)."""
+    import random
+
+    return random.Random(seed).randbytes(n)
+
+
 def random_bytes(folder, good):
-    return _sibling(folder, "bigvgan_generator.pt", os.urandom(4096), good)
+    data = _noise(4096, 24)
+    assert data[8:9] != b"{" and not data.startswith((b"PK", b"\x80")), "seed gives a recognised magic"
+    return _sibling(folder, "bigvgan_generator.pt", data, good)
+
+
+def random_bytes_brace(folder, good):
+    """Noise whose ninth byte is ``{``: it sniffs as safetensors, and the header length in
+    its first eight bytes is what gets refused."""
+    data = bytearray(_noise(4096, 24))
+    data[8:9] = b"{"
+    return _sibling(folder, "bigvgan_generator.pt", bytes(data), good)
 
 
 def lfs_pointer(folder, good):

@@ -41,6 +41,7 @@ CASES = [
     ("truncated_pth", ("damaged",)),
     ("truncated_safetensors", ("truncated",)),
     ("random_bytes", ("not a safetensors file or a torch checkpoint",)),
+    ("random_bytes_brace", ("safetensors header claims", "over the")),
     ("lfs_pointer", ("git-lfs pointer", "git lfs pull")),
     ("html_page", ("HTML",)),
     ("pickle_import", ("refused", "not run")),
