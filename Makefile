@@ -49,7 +49,7 @@ golden: $(VENV)/.runtime
 TEST_WORKERS ?= 2
 # `make test` leaves out the tests marked slow (pyproject.toml) and runs two kinds in a bounded form:
 # the two end-to-end tests (w2v-bert features of an identical input reused) and the property tests
-# (a quarter of the examples).  `make test-slow` runs the slow tests and those two kinds in full
+# (a quarter of the examples, derandomized).  `make test-slow` runs the slow tests and those two kinds in full
 # (INDEXTTS_TEST_FULL=1).  CI runs both.
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests
