@@ -336,10 +336,11 @@ def test_end_to_end_2_0(chain_2_0, record_property, w2v_reused):
         t6 = time.perf_counter()
         assert ref is not None and w2v_reused["reused"] == 0  # the equality run computes all its own features
         assert set(ref) <= set(tr), f"reference keys upstream does not record: {sorted(set(ref) - set(tr))}"
-        _compare(tr, ref, e2e.KEYS_2_0)
+        rel = _compare(tr, ref, e2e.KEYS_2_0)
         ref_v = _synthesize(pipeline, c.bundle, TEXT_2_0, c.prompt, emotion_vector=EMO_VECTOR, emotion_alpha=EMO_ALPHA)
         _compare(tv, ref_v, e2e.KEYS_2_0)
         seconds["reference"] = t6 - t5
+        record_property("relative_difference", {k: float(f"{v:.3g}") for k, v in rel.items()})
         _sensitivity(pipeline, c.bundle, c.prompt, tr, WRONG_GLUE, TEXT_2_0, e2e.KEYS_2_0)
     record_property("seconds", {k: round(v, 2) for k, v in seconds.items()})
     record_property("w2v_bert_calls", w2v_reused)
