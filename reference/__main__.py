@@ -12,6 +12,10 @@ penalty, seeded by ``--seed``.  ``--greedy`` is greedy search with one beam
 (deterministic; ``--seed`` then only seeds the CFM noise).  ``--beams N`` sets the
 number of beams in either mode: ``--beams 1`` is one-beam sampling, ``--greedy
 --beams 3`` beam search without sampling.
+
+Text: split into segments as upstream splits it (at most ``--segment-tokens``, default
+the manifest's 120, per segment), each synthesised alone and joined with the manifest's
+``interval_silence_ms`` (200 ms) of silence.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def _floats(s: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {s!r}") from None
 
 
-def _beams(s: str) -> int:
+def _beams(s: str) -> int:  # also --segment-tokens: a whole number of at least 1
     try:
         n = int(s)
     except ValueError:
@@ -59,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
                    help="greedy decoding (one beam unless --beams) instead of seeded beam sampling")
     s.add_argument("--beams", type=_beams, metavar="N",
                    help="beams of the code generation (default: 1 with --greedy, else the manifest's num_beams, 3)")
+    s.add_argument("--segment-tokens", type=_beams, metavar="N",
+                   help="at most N text tokens per segment (upstream's max_text_tokens_per_segment; default: the "
+                        "manifest's, 120): a longer text is split into segments joined with 200 ms of silence")
     s.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the CFM noise (default 0)")
     s.add_argument("--trace", metavar="TRACE.safetensors", help="also write every intermediate here")
     s.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
@@ -87,15 +94,18 @@ def main(argv=None) -> int:
         r = pipeline.synthesize(b, args.text, args.prompt, lang=args.lang, emotion_prompt=args.emotion_prompt,
                                 emotion_alpha=args.emotion_alpha, emotion_vector=args.emotion_vector,
                                 normalize_emotion=not args.raw_emotion_vector, max_codes=args.max_codes,
-                                greedy=args.greedy, seed=args.seed, num_beams=args.beams, progress=progress)
+                                greedy=args.greedy, seed=args.seed, num_beams=args.beams,
+                                max_segment_tokens=args.segment_tokens, progress=progress)
         trace.save_wav(args.out, r.wav, r.sample_rate)
         if args.trace:
             trace.save_trace(args.trace, r.trace, pipeline.trace_metadata(b, r))
     except (pipeline.PipelineError, LoadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    codes = r.trace["codes.codes"].shape[1]
+    codes = sum(v.shape[1] for k, v in r.trace.items() if k.split("@")[0] == "codes.codes")
+    segments = r.options["segments"]
     print(f"wrote {args.out}: {r.wav.shape[-1] / r.sample_rate:.2f} s at {r.sample_rate} Hz from {codes} codes "
+          f"{'in one segment' if segments == 1 else f'in {segments} segments'} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
 

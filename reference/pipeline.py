@@ -36,6 +36,11 @@ The flow (IndexTTS-2.0), with the places ports get wrong:
    style and noise, 25 steps, CFG 0.7; the prompt's frames are cut off.
 6. ``waveform``: BigVGAN, clamped to [-1, 1].
 
+A text of more than ``max_text_tokens_per_segment`` tokens is split into segments as
+upstream splits it (:func:`reference.text.split_pieces`); steps 1 to 3 run once, steps 4
+to 6 per segment (trace keys ``key@k`` from the second segment on), and the waveforms
+are joined with ``interval_silence_ms`` of zeros (``output.wav``).
+
 IndexTTS-2.5 bundles (``family_version`` 2.5) run :mod:`reference.pipeline_2_5`, which
 needs ``lang``; the same options otherwise, the same :class:`Result`.
 
@@ -228,7 +233,7 @@ def normalize_emotion_vector(weights: list[float], inf: dict) -> list[float]:
 def synthesize(bundle, text_in: str, prompt_audio, *, lang: str | None = None, emotion_prompt=None,
                emotion_alpha: float = 1.0, emotion_vector: list[float] | None = None, normalize_emotion: bool = True,
                max_codes: int | None = None, greedy: bool = False, seed: int = 0, num_beams: int | None = None,
-               noise: torch.Tensor | None = None, device: str = "cpu", progress=None) -> Result:
+               noise=None, max_segment_tokens: int | None = None, device: str = "cpu", progress=None) -> Result:
     """Run the whole flow (see the module docstring).  ``bundle`` is a folder or a
     :class:`Bundle`; ``prompt_audio`` and ``emotion_prompt`` are WAV paths or
     ``(samples, rate)``.  ``progress(step)`` is called as each stage starts.
@@ -237,7 +242,10 @@ def synthesize(bundle, text_in: str, prompt_audio, *, lang: str | None = None, e
     applies 2.0's ``normalize_emo_vec`` to ``emotion_vector``; IndexTTS-2.5 has none
     (its manifest says so), and there the vector is used as given.  ``num_beams``:
     the beams of the code generation (default: 1 with ``greedy``, else the manifest's
-    ``num_beams``)."""
+    ``num_beams``).  ``max_segment_tokens``: upstream's ``max_text_tokens_per_segment``
+    (default: the manifest's, 120); a longer text is split into segments, each
+    synthesised alone and joined with ``interval_silence_ms`` of zeros.  ``noise``: the
+    CFM noise, one tensor or one per segment (default: drawn from ``seed``)."""
     b = bundle if isinstance(bundle, Bundle) else open_bundle(str(bundle), device)
     if b.version == "2.5":
         from .pipeline_2_5 import run_2_5
@@ -248,24 +256,24 @@ def synthesize(bundle, text_in: str, prompt_audio, *, lang: str | None = None, e
         with torch.inference_mode():
             return run_2_5(b, text_in, lang, prompt_audio, emotion_prompt=emotion_prompt, emotion_alpha=emotion_alpha,
                            emotion_vector=emotion_vector, max_codes=max_codes, greedy=greedy, seed=seed, noise=noise,
-                           num_beams=num_beams, progress=progress)
+                           num_beams=num_beams, max_segment_tokens=max_segment_tokens, progress=progress)
     if lang is not None:
         raise PipelineError(f"lang={lang!r}: IndexTTS-2.0 bundles take no language (their tokenizer has none); "
                             "lang is for IndexTTS-2.5 bundles")
     with torch.inference_mode():
         return _run(b, text_in, prompt_audio, emotion_prompt, emotion_alpha, emotion_vector, normalize_emotion,
-                    max_codes, greedy, seed, noise, progress or (lambda step: None), num_beams)
+                    max_codes, greedy, seed, noise, progress or (lambda step: None), num_beams, max_segment_tokens)
 
 
 def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, normalize, max_codes, greedy, seed,
-         noise, progress, num_beams=None) -> Result:
+         noise, progress, num_beams=None, max_segment_tokens=None) -> Result:
     p, w = b.pipeline, b.files
     fe, inf, rates = p["front_ends"], p["inference"], p["sample_rates"]
     dev = w["gpt"]["mel_head.weight"].device
     tr: dict[str, torch.Tensor] = {}
     decoding, max_codes = decoding_for(inf, greedy, max_codes, num_beams, w["gpt"])
 
-    ids = _tokens(b, text_in)
+    segments = _segments(b, text_in, max_segment_tokens)
 
     progress("prompt")
     a22, a16 = speaker_prompt(b, prompt_audio, tr, dev, to_mel_rate=True)
@@ -292,27 +300,73 @@ def _run(b: Bundle, text_in, prompt_audio, emotion_prompt, alpha, emo_weights, n
     cond = gpt.conditioning(w["gpt"], spk.transpose(1, 2), _width(spk))
     tr["speech_conditioning.conditioning"] = cond
 
-    progress("codes")
-    text_ids = torch.tensor([ids], dtype=torch.int64, device=dev)
-    tr["text.ids"] = text_ids
-    codes = generate_codes(w, prompt_2_0(w["gpt"], cond, emovec, text_ids), max_codes, decoding, seed, tr)
-    n = torch.tensor([codes.shape[1]], dtype=torch.int64, device=dev)
+    noises = segment_noises(noise, len(segments))
+    sample_gen, noise_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    wavs = []
+    for k, ids in enumerate(segments):
+        st: dict[str, torch.Tensor] = {}
+        progress(segment_step("codes", k, len(segments)))
+        text_ids = torch.tensor([ids], dtype=torch.int64, device=dev)
+        st["text.ids"] = text_ids
+        codes = generate_codes(w, prompt_2_0(w["gpt"], cond, emovec, text_ids), max_codes, decoding, sample_gen, st)
+        n = torch.tensor([codes.shape[1]], dtype=torch.int64, device=dev)
 
-    progress("latents")
-    latent, _ = gpt.forward_latents(w["gpt"], cond, emovec, text_ids, torch.tensor([len(ids)], device=dev), codes, n)
-    tr["latents.latent"] = latent
-    latent = s2mel.gpt_layer(w["s2mel"], latent)
-    tr["latent_projection.latent"] = latent
-    s_infer = semantic_codec.vq2emb(w["semantic-codec"], codes).transpose(1, 2) + latent
-    tr["code_embeddings.S_infer"] = s_infer
-    target_len = (n * inf["mel_frames_per_code"]).long()  # float32 product, truncated, as infer_v2
-    cond_t = s2mel.length_regulator(w["s2mel"], s_infer, target_len)
-    tr["target_condition.cond"] = cond_t
+        progress(segment_step("latents", k, len(segments)))
+        latent, _ = gpt.forward_latents(w["gpt"], cond, emovec, text_ids, torch.tensor([len(ids)], device=dev), codes, n)
+        st["latents.latent"] = latent
+        latent = s2mel.gpt_layer(w["s2mel"], latent)
+        st["latent_projection.latent"] = latent
+        s_infer = semantic_codec.vq2emb(w["semantic-codec"], codes).transpose(1, 2) + latent
+        st["code_embeddings.S_infer"] = s_infer
+        target_len = (n * inf["mel_frames_per_code"]).long()  # float32 product, truncated, as infer_v2
+        cond_t = s2mel.length_regulator(w["s2mel"], s_infer, target_len)
+        st["target_condition.cond"] = cond_t
 
-    wav, noise_from = mel_and_waveform(w, inf, prompt_cond, cond_t, ref_mel, style, noise, seed, tr, progress)
+        wavs.append(mel_and_waveform(w, inf, prompt_cond, cond_t, ref_mel, style, noises[k], noise_gen, st,
+                                     lambda step: progress(segment_step(step, k, len(segments)))))
+        tr.update({segment_key(key, k): v for key, v in st.items()})
+    wav = join_segments(wavs, inf, rates["output_hz"], tr)
     opts = {"text": text_in, "greedy": greedy, "seed": seed, "max_codes": max_codes, "emotion_alpha": alpha,
-            "emotion_vector": emo_weights, "decoding": decoding.__dict__, "noise": noise_from}
+            "emotion_vector": emo_weights, "decoding": decoding.__dict__,
+            "noise": "seed" if noise is None else "given", "segments": len(segments)}
     return Result(wav.cpu(), rates["output_hz"], {k: v.detach().cpu() for k, v in tr.items()}, opts)
+
+
+def segment_key(key: str, k: int) -> str:
+    """The trace key of ``key`` in segment ``k``: the key itself in the first segment, ``key@k`` after."""
+    return key if k == 0 else f"{key}@{k}"
+
+
+def segment_step(step: str, k: int, n: int) -> str:
+    return step if n == 1 else f"{step} (segment {k + 1} of {n})"
+
+
+def segment_noises(noise, n: int) -> list:
+    """The given CFM noise per segment: none (each drawn from the seed's generator, which
+    runs on from one segment to the next), one tensor for a text of one segment, or a
+    sequence of one tensor per segment."""
+    if noise is None:
+        return [None] * n
+    if isinstance(noise, torch.Tensor):
+        noise = [noise]
+    noise = list(noise)
+    if len(noise) != n:
+        raise PipelineError(f"{len(noise)} CFM noise tensor(s) given for a text of {n} segment(s): give one per segment")
+    return noise
+
+
+def join_segments(wavs: list, inf: dict, rate: int, tr: dict) -> torch.Tensor:
+    """The segments' waveforms joined with ``interval_silence_ms`` of zeros between two
+    (infer's ``insert_interval_silence``); a text of more than one segment also records
+    the joined waveform as ``output.wav``."""
+    if len(wavs) == 1:
+        return wavs[0]
+    gap = torch.zeros(1, int(rate * inf["interval_silence_ms"] / 1000.0), dtype=wavs[0].dtype, device=wavs[0].device)
+    parts = []
+    for i, w in enumerate(wavs):
+        parts += [gap, w] if i else [w]
+    tr["output.wav"] = torch.cat(parts, 1)
+    return tr["output.wav"]
 
 
 def _width(feats) -> torch.Tensor:
@@ -345,14 +399,13 @@ def make_emovec(b: Bundle, spk, style, prompt_audio, emotion_prompt, alpha: floa
     return emovec, alpha, weights
 
 
-def generate_codes(w, prompt, max_codes: int, decoding: Decoding, seed: int, tr: dict) -> torch.Tensor:
-    """The GPT's codes from ``prompt`` (sampling from a CPU generator seeded with
-    ``seed``), cut at the first stop code; refused when there is none before the stop or
+def generate_codes(w, prompt, max_codes: int, decoding: Decoding, gen: torch.Generator, tr: dict) -> torch.Tensor:
+    """The GPT's codes from ``prompt`` (sampling from the CPU generator ``gen``), cut at the first stop code; refused when there is none before the stop or
     one lies outside the codec's codebook.  Records the raw codes and, for each of them,
     the raw logits it was chosen from (with beams: those of the returned sequence's beam
     at each step)."""
     acts: dict[str, torch.Tensor] = {}
-    raw = generate(w["gpt"], prompt, max_codes, decoding, torch.Generator().manual_seed(seed), acts)
+    raw = generate(w["gpt"], prompt, max_codes, decoding, gen, acts)
     tr["codes.raw"] = raw
     if raw.shape[1] == 0:  # beam search whose hypotheses never finished (transformers returns no code either)
         raise PipelineError("the GPT gave no code; there is nothing to synthesise (try another seed)")
@@ -431,19 +484,19 @@ def speaker_style(b: Bundle, a16, tr: dict):
     return style
 
 
-def mel_and_waveform(w, inf: dict, prompt_cond, cond_t, ref_mel, style, noise, seed: int, tr: dict, progress):
-    """The steps both releases share: the CFM sampler on ``cat(prompt_condition, cond)``
-    (noise from ``seed`` unless given), the prompt's frames cut, BigVGAN, the clamp.
-    Returns (waveform ``[1, n]``, where the noise came from)."""
+def mel_and_waveform(w, inf: dict, prompt_cond, cond_t, ref_mel, style, noise, noise_gen: torch.Generator, tr: dict,
+                     progress) -> torch.Tensor:
+    """The steps both releases share, per segment: the CFM sampler on ``cat(prompt_condition,
+    cond)`` (noise drawn from ``noise_gen`` unless given), the prompt's frames cut,
+    BigVGAN, the clamp.  Returns the waveform ``[1, n]``."""
     progress("mel")
     dev = cond_t.device
     content = torch.cat([prompt_cond, cond_t], 1)
     tr["mel.cat_condition"] = content
     tr["mel.x_lens"] = torch.tensor([content.shape[1]], dtype=torch.int64, device=dev)
     shape = (1, w["s2mel"].config["in_channels"], content.shape[1])
-    noise_from = "seed" if noise is None else "given"
     if noise is None:
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(shape, generator=noise_gen)
     elif tuple(noise.shape) != shape:
         raise PipelineError(f"the CFM noise has shape {list(noise.shape)}, the flow needs {list(shape)}")
     noise = noise.to(dev, torch.float32)
@@ -459,7 +512,7 @@ def mel_and_waveform(w, inf: dict, prompt_cond, cond_t, ref_mel, style, noise, s
     lo, hi = inf["output_clamp"]
     wav = voc.reshape(1, -1).clamp(lo, hi)
     tr["waveform.wav"] = wav
-    return wav, noise_from
+    return wav
 
 
 TRACE_SCHEMA = "indextts2-pipeline-trace"
@@ -475,17 +528,43 @@ def trace_metadata(b: Bundle, r: Result) -> dict[str, str]:
     used[b.manifest["bundle"]["tokenizer"]["path"]] = next(iter(b.manifest["bundle"]["tokenizer"]["files"].values()))["sha256"]
     order = TRACE_2_5 if b.version == "2.5" else TRACE_2_0
     return {"schema": TRACE_SCHEMA, "family_version": b.version, "reference_version": REFERENCE_VERSION,
-            "options": json.dumps(r.options, sort_keys=True), "steps": json.dumps([k for k in order if k in r.trace]),
+            "options": json.dumps(r.options, sort_keys=True), "steps": json.dumps(trace_order(order, r.trace)),
             "files_sha256": json.dumps(used, sort_keys=True), "sample_rate": str(r.sample_rate)}
 
 
-def _tokens(b: Bundle, text_in: str) -> list[int]:
+def trace_order(order, trace: dict) -> list[str]:
+    """The trace's keys in the order the steps ran: the first segment's, each later
+    segment's (``key@k``), then the joined ``output.wav`` of a text of several segments."""
+    keys = [k for k in order if k in trace]
+    k = 1
+    while f"codes.codes@{k}" in trace:
+        keys += [f"{key}@{k}" for key in order if f"{key}@{k}" in trace]
+        k += 1
+    return keys + (["output.wav"] if "output.wav" in trace else [])
+
+
+def segment_budget(inf: dict, max_segment_tokens: int | None) -> int:
+    budget = inf["max_text_tokens_per_segment"] if max_segment_tokens is None else max_segment_tokens
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise PipelineError(f"max_segment_tokens {budget!r}: a segment holds at least one token")
+    return budget
+
+
+def _segments(b: Bundle, text_in: str, max_segment_tokens: int | None = None) -> list[list[int]]:
     if not isinstance(text_in, str) or not text_in.strip():
         raise PipelineError("the text is empty")
+    inf = b.pipeline["inference"]
     try:
-        return text.sentencepiece_ids(b.tokenizer_path(), text_in)
+        segments = text.sentencepiece_segments(b.tokenizer_path(), text_in, segment_budget(inf, max_segment_tokens),
+                                               inf["segment_split"])
     except ValueError as e:
         raise PipelineError(str(e)) from None
+    rows = b.files["gpt"]["text_pos_embedding.weight"].shape[0]  # the text, start and stop tokens framing it
+    longest = max(len(ids) for ids in segments)
+    if longest + 2 > rows:
+        raise PipelineError(f"a segment of {longest} tokens: this bundle's GPT holds {rows - 2} (gpt.safetensors "
+                            f"text_pos_embedding.weight has {rows} rows); pass a smaller max_segment_tokens")
+    return segments
 
 
 MIN_PROMPT_S = 0.5  # the reference's own floor: shorter prompts leave the encoders a few frames

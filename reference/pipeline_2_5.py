@@ -1,6 +1,6 @@
 """Speech from an IndexTTS-2.5 bundle alone: every step of its ``manifest.json``
 ``pipeline.flow`` (``flow_2_5``), as upstream's ``infer_v2_5.IndexTTS2.infer_generator``
-runs them with ``text_normalization=False`` on one segment.
+runs them with ``text_normalization=False``, segment by segment.
 
 :func:`run_2_5` is what :func:`reference.pipeline.synthesize` calls for a bundle whose
 ``family_version`` is 2.5; it returns the same :class:`~reference.pipeline.Result`,
@@ -23,8 +23,10 @@ gets wrong:
    2.5 has no ``normalize_emo_vec``.
 4. ``speech_conditioning``: ``spk_emb_proj(style)``, one latent (2.0 runs a Conformer
    and a Perceiver on the features).
-5. ``text``: the tiktoken encoding of ``<|lang|> `` + the prepared text
-   (:mod:`reference.text`), and the language id (the ``lang_embedding`` row added to
+5. ``text``: the prepared text split into segments (``split_text_by_tokens``), each
+   encoded by tiktoken as ``<|lang|> `` + the segment (:mod:`reference.text`); steps 5
+   to 8 run per segment (trace keys ``<key>@k`` from the second on), and the
+   waveforms are joined with ``interval_silence_ms`` of zeros; and the language id (the ``lang_embedding`` row added to
    every text position).  Only ``stop_text_token`` ids are removed from the text (the
    start token is the character ``!`` in the real vocabulary).
 6. ``codes``: generation from ``[conditioning + emovec, 0, 0, text]``
@@ -48,8 +50,9 @@ import torch
 
 from . import front_ends, gpt, s2mel, semantic_codec, text
 from .generate import prompt_2_5
-from .pipeline import (Bundle, PipelineError, Result, _features, decoding_for, generate_codes, make_emovec,
-                       mel_and_waveform, speaker_prompt, speaker_style)
+from .pipeline import (Bundle, PipelineError, Result, _features, decoding_for, generate_codes, join_segments,
+                       make_emovec, mel_and_waveform, segment_budget, segment_key, segment_noises, segment_step, speaker_prompt,
+                       speaker_style)
 
 # Every trace key of an IndexTTS-2.5 synthesis, in the order the steps run
 # (``emotion_vector.index`` only with an explicit emotion vector).
@@ -89,28 +92,30 @@ def language(b: Bundle, lang: str) -> tuple[str, int]:
     raise PipelineError(f"lang {lang!r} is not a language of this bundle; it has {shown}")
 
 
-def _token_ids(b: Bundle, text_in, lang: str) -> list[int]:
+def _segments(b: Bundle, text_in, lang: str, max_segment_tokens: int | None = None) -> list[list[int]]:
     if not isinstance(text_in, str) or not text_in.strip():
         raise PipelineError("the text is empty")
     spec = b.pipeline["tokens"]["tokenizer"]
     inf = b.pipeline["inference"]
     path = b.tokenizer_path()
     try:
-        budget = max(1, min(inf["max_text_tokens_per_segment"], b.files["gpt"].config["max_text_tokens"])
+        budget = max(1, min(segment_budget(inf, max_segment_tokens), b.files["gpt"].config["max_text_tokens"])
                      - text.tiktoken_prefix_length(path, spec, lang))
-        ids = text.tiktoken_ids(path, spec, text_in, lang, budget)
+        segments = text.tiktoken_segments(path, spec, text_in, lang, budget, inf["segment_split"])
     except ValueError as e:
         raise PipelineError(str(e)) from None
     rows = b.files["gpt"]["text_embedding.weight"].shape[0]
-    if max(ids) >= rows:
-        raise PipelineError(f"the tokenizer gave id {max(ids)}; the GPT's text embedding has {rows} rows (a tokenizer "
+    top = max(max(ids) for ids in segments)
+    if top >= rows:
+        raise PipelineError(f"the tokenizer gave id {top}; the GPT's text embedding has {rows} rows (a tokenizer "
                             "of another release?)")
-    return ids
+    return segments
 
 
 def run_2_5(b: Bundle, text_in: str, lang: str, prompt_audio, *, emotion_prompt=None, emotion_alpha: float = 1.0,
             emotion_vector: list[float] | None = None, max_codes: int | None = None, greedy: bool = False,
-            seed: int = 0, noise: torch.Tensor | None = None, progress=None, num_beams: int | None = None) -> Result:
+            seed: int = 0, noise=None, progress=None, num_beams: int | None = None,
+            max_segment_tokens: int | None = None) -> Result:
     """The 2.5 flow (module docstring); arguments as :func:`reference.pipeline.synthesize`."""
     if b.version != "2.5":
         raise PipelineError(f"{b.path}: an IndexTTS-{b.version} bundle; run_2_5 runs IndexTTS-2.5 bundles")
@@ -122,7 +127,7 @@ def run_2_5(b: Bundle, text_in: str, lang: str, prompt_audio, *, emotion_prompt=
     decoding, max_codes = decoding_for(inf, greedy, max_codes, num_beams, w["gpt"])
 
     lang, lang_id = language(b, lang)
-    ids = _token_ids(b, text_in, lang)
+    segments = _segments(b, text_in, lang, max_segment_tokens)
 
     progress("prompt")
     a22, a16 = speaker_prompt(b, prompt_audio, tr, dev, to_mel_rate=False)  # the mel is of a22 itself (inference.speaker_prompt)
@@ -148,22 +153,32 @@ def run_2_5(b: Bundle, text_in: str, lang: str, prompt_audio, *, emotion_prompt=
     cond = gpt.speaker_conditioning(w["gpt"], style)
     tr["speech_conditioning.conditioning"] = cond
 
-    progress("codes")
-    text_ids = torch.tensor([ids], dtype=torch.int64, device=dev)
-    tr["text.ids"] = text_ids
-    tr["text.lang"] = torch.tensor([lang_id], dtype=torch.int64, device=dev)
-    codes = generate_codes(w, prompt_2_5(w["gpt"], cond, emovec, text_ids, lang_id), max_codes, decoding, seed, tr)
+    noises = segment_noises(noise, len(segments))
+    sample_gen, noise_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    lang_t = torch.tensor([lang_id], dtype=torch.int64, device=dev)
+    wavs = []
+    for k, ids in enumerate(segments):
+        st: dict[str, torch.Tensor] = {}
+        progress(segment_step("codes", k, len(segments)))
+        text_ids = torch.tensor([ids], dtype=torch.int64, device=dev)
+        st["text.ids"], st["text.lang"] = text_ids, lang_t
+        codes = generate_codes(w, prompt_2_5(w["gpt"], cond, emovec, text_ids, lang_id), max_codes, decoding,
+                               sample_gen, st)
 
-    progress("code_features")
-    s_infer = semantic_codec.decode(w["semantic-codec"], codes)
-    tr["code_features.S_infer"] = s_infer
-    n = int(s_infer.shape[1] * inf["mel_frames_per_decoded_frame"] * inf["duration_factor"])  # Python floats
-    target_len = torch.tensor([n], dtype=torch.int64, device=dev)
-    cond_t = s2mel.length_regulator(w["s2mel"], s_infer, target_len)
-    tr["target_condition.ylens"], tr["target_condition.cond"] = target_len, cond_t
+        progress(segment_step("code_features", k, len(segments)))
+        s_infer = semantic_codec.decode(w["semantic-codec"], codes)
+        st["code_features.S_infer"] = s_infer
+        n = int(s_infer.shape[1] * inf["mel_frames_per_decoded_frame"] * inf["duration_factor"])  # Python floats
+        target_len = torch.tensor([n], dtype=torch.int64, device=dev)
+        cond_t = s2mel.length_regulator(w["s2mel"], s_infer, target_len)
+        st["target_condition.ylens"], st["target_condition.cond"] = target_len, cond_t
 
-    wav, noise_from = mel_and_waveform(w, inf, prompt_cond, cond_t, ref_mel, style, noise, seed, tr, progress)
+        wavs.append(mel_and_waveform(w, inf, prompt_cond, cond_t, ref_mel, style, noises[k], noise_gen, st,
+                                     lambda step: progress(segment_step(step, k, len(segments)))))
+        tr.update({segment_key(key, k): v for key, v in st.items()})
+    wav = join_segments(wavs, inf, rates["output_hz"], tr)
+    noise_from = "seed" if noise is None else "given"
     opts = {"text": text_in, "lang": lang, "greedy": greedy, "seed": seed, "max_codes": max_codes,
             "emotion_alpha": alpha, "emotion_vector": weights, "emotion_vector_normalized": False,
-            "decoding": decoding.__dict__, "noise": noise_from}
+            "decoding": decoding.__dict__, "noise": noise_from, "segments": len(segments)}
     return Result(wav.cpu(), rates["output_hz"], {k: v.detach().cpu() for k, v in tr.items()}, opts)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import types
 from dataclasses import dataclass, field
 
 import pytest
@@ -30,6 +31,11 @@ PROMPT_S = 1.5
 MAX_CODES = 12
 TEXT_2_0 = "CAB BAD DAB FACE"
 TEXT_2_5 = "cab bad dab face"
+# Two sentences that make two segments at a budget of 8 tokens (upstream's max_text_tokens_per_segment; the
+# chained GPT holds 16): cut after the first '.', then not merged back (5 + 5 > 8).
+TEXT_2_0_SEGMENTS = "CAB BAD. DAB FACE."
+TEXT_2_5_SEGMENTS = "cab bad. dab face, ace bead."
+SEGMENT_TOKENS = 8
 # Not normalised (the emotion bias and cap of normalize_emo_vec are a caller's choice);
 # alpha 0.6 exercises infer's scaling with truncation to 4 decimals.
 EMO_VECTOR = [0.3, 0.0, 0.15, 0.0, 0.0, 0.1, 0.0, 0.2]
@@ -342,6 +348,14 @@ def test_end_to_end_2_0(chain_2_0, record_property, w2v_reused):
         seconds["reference"] = t6 - t5
         record_property("relative_difference", {k: float(f"{v:.3g}") for k, v in rel.items()})
         _sensitivity(pipeline, c.bundle, c.prompt, tr, WRONG_GLUE, TEXT_2_0, e2e.KEYS_2_0)
+
+        # a text of two segments, each synthesised alone and joined with 200 ms of silence; upstream's noise given
+        ts = e2e.run_upstream_2_0(c.release, c.prompt, TEXT_2_0_SEGMENTS, max_codes=MAX_CODES, tts=tts, fresh=False,
+                                  segment_tokens=SEGMENT_TOKENS, segments=2)
+        ref_s = _synthesize(pipeline, c.bundle, TEXT_2_0_SEGMENTS, c.prompt, max_segment_tokens=SEGMENT_TOKENS,
+                            noise=[ts["mel.noise"], ts["mel.noise@1"]])
+        record_property("relative_difference_second_segment",
+                        {k: float(f"{v:.3g}") for k, v in _two_segments(ts, ref_s, e2e.KEYS_2_0).items()})
     record_property("seconds", {k: round(v, 2) for k, v in seconds.items()})
     record_property("w2v_bert_calls", w2v_reused)
 
@@ -448,15 +462,37 @@ def test_end_to_end_2_5(chain_2_5, record_property, tmp_path, w2v_reused):
         record_property("relative_difference", {k: float(f"{v:.3g}") for k, v in rel.items()})
         _sensitivity(pipeline, c.bundle, c.prompt, tr, WRONG_GLUE_2_5, TEXT_2_5, e2e.KEYS_2_5, _pcm_scale, lang="en")
         _cli_2_5(c, tmp_path)
+
+        ts = e2e.run_upstream_2_5(c.release, c.prompt, TEXT_2_5_SEGMENTS, lang="en", max_codes=MAX_CODES, tts=tts,
+                                  fresh=False, segment_tokens=SEGMENT_TOKENS, segments=2)
+        ref_s = _synthesize(pipeline, c.bundle, TEXT_2_5_SEGMENTS, c.prompt, lang="en", max_segment_tokens=SEGMENT_TOKENS,
+                            noise=[ts["mel.noise"], ts["mel.noise@1"]])
+        record_property("relative_difference_second_segment",
+                        {k: float(f"{v:.3g}") for k, v in _two_segments(ts, _pcm_scale(ref_s), e2e.KEYS_2_5).items()})
     record_property("seconds", {k: round(v, 2) for k, v in seconds.items()})
     record_property("w2v_bert_calls", w2v_reused)
+
+
+def _two_segments(up: dict, ref: dict, keys) -> dict[str, float]:
+    """A text of two segments: the reference's trace equal to upstream's, key for key in
+    both segments (``key@1``: the second) and the joined waveform ``output.wav``, which
+    holds the two waveforms with interval_silence_ms (200 ms at 22.05 kHz) of zeros between."""
+    assert not torch.equal(up["text.ids"], up["text.ids@1"])
+    rel = _compare(up, ref, [*keys, *(f"{k}@1" for k in keys), "output.wav"])
+    assert "codes.codes@1" in up and "codes.codes@1" in ref  # compared as integers: equal
+    assert {"mel.noise@1", "mel.mel@1", "waveform.wav@1", "output.wav"} <= set(rel)
+    out, a, b = ref["output.wav"], ref["waveform.wav"], ref["waveform.wav@1"]
+    gap = out.shape[-1] - a.shape[-1] - b.shape[-1]
+    assert gap == 4410 and not out[..., a.shape[-1]:a.shape[-1] + gap].any()
+    return {k: v for k, v in rel.items() if k.endswith("@1") or k == "output.wav"}
 
 
 def _pcm_scale(ref: dict) -> dict:
     """The reference's [-1, 1] waveform at upstream's PCM scale (infer_v2_5 returns clamp(32767 * wav, +-32767))."""
     ref = dict(ref)
-    if "waveform.wav" in ref and ref["waveform.wav"].abs().max() <= 1:
-        ref["waveform.wav"] = (32767 * ref["waveform.wav"]).clamp(-32767, 32767)
+    for k in [k for k in ref if k.split("@")[0] in ("waveform.wav", "output.wav")]:
+        if ref[k].abs().max() <= 1:
+            ref[k] = (32767 * ref[k]).clamp(-32767, 32767)
     return ref
 
 
@@ -564,12 +600,26 @@ def test_2_5_text_equals_upstream(tmp_path):
     enc = iv.get_encoding("multilingual_zh_ja_yue_char_del", model_dir=str(bundle))
     from reference import text
 
+    split = False
     for src, lang in TEXTS_2_5:
         want = enc.encode(f"<|{lang.lower()}|> " + iv.IndexTTS2._prepare_text(up, src, lang, text_normalization=False),
                           allowed_special="all")
-        got = text.tiktoken_ids(b.tokenizer_path(), spec, src, lang, budget=10_000)
-        assert got == want, (src, lang)
+        rules = manifest["pipeline"]["inference"]["segment_split"]
+        got = text.tiktoken_segments(b.tokenizer_path(), spec, src, lang, 10_000, rules)
+        assert got == [want], (src, lang)
         assert pipeline_2_5.language(b, lang)[1] == iv.lang_to_token(lang), lang
+        # a budget of 6 tokens: the segments of upstream's split_text_by_tokens, each prefixed and encoded
+        up.tokenizer = enc
+        up.gpt = types.SimpleNamespace(text_pos_embedding=types.SimpleNamespace(emb=types.SimpleNamespace(
+            num_embeddings=6 + 2 + 3)))
+        prefix = f"<|{lang.lower()}|> "
+        prepared = iv.IndexTTS2._prepare_text(up, src, lang, text_normalization=False)
+        segments = iv.IndexTTS2.split_text_by_tokens(up, prepared, 120, prefix)
+        budget = 6 + 3 - text.tiktoken_prefix_length(b.tokenizer_path(), spec, lang)
+        got = text.tiktoken_segments(b.tokenizer_path(), spec, src, lang, budget, rules)
+        assert got == [enc.encode(prefix + seg, allowed_special="all") for seg in segments], (src, lang)
+        split |= len(segments) > 1
+    assert split  # some text made more than one segment
     for lang, needle in (("xx", "'xx' is not a language of this bundle; it has en, zh, de"), ("ja", "'ja'")):
         with pytest.raises(pipeline.PipelineError, match=needle) as e:
             pipeline_2_5.language(b, lang)
@@ -694,6 +744,9 @@ def test_synthesize_cli_refuses_bad_input_in_one_line(chain_2_0, tmp_path):
         "a missing file": ((partial, "--text", TEXT_2_0, "--prompt", c.prompt), "s2mel.safetensors"),
         "a language for 2.0": ((c.bundle, "--text", TEXT_2_0, "--prompt", c.prompt, "--lang", "en"), "IndexTTS-2.0 bundles take no language"),
         "not a bundle": ((tmp_path, "--text", TEXT_2_0, "--prompt", c.prompt), "manifest.json"),
+        # a segment (at the manifest's 120 tokens) longer than the tiny GPT's 16 text positions hold
+        "a segment too long": ((c.bundle, "--text", " ".join([TEXT_2_0] * 3), "--prompt", c.prompt),
+                               "text_pos_embedding.weight has"),
     }
     for what, (args, needle) in cases.items():
         out = tmp_path / f"{what}.wav"

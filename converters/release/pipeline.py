@@ -129,7 +129,14 @@ INFERENCE = {
     "cfm_solver": "Euler over linspace(0, 1, diffusion_steps + 1); x starts as N(0, 1); the prompt frames of x are zeroed after each step",
     "max_reference_audio_s": 15,
     "output_clamp": [-1.0, 1.0],
-    "interval_silence_ms": 200,
+    "interval_silence_ms": 200,  # zeros at output_hz between two segments' waveforms
+    # The text: at most this many tokens per segment (2.5: the language prefix included); longer texts are split.
+    "max_text_tokens_per_segment": 120,
+    "segments": "TextTokenizer.split_segments(pieces, max_text_tokens_per_segment) with segment_split's pieces (see "
+                "reference/text.py split_pieces); each segment synthesised alone from codes to waveform (the prompt "
+                "and the emotion vector computed once), the waveforms joined with interval_silence_ms of zeros",
+    "segment_split": {"sentence_end_pieces": [".", "!", "?", "\u2581.", "\u2581?", "\u2581..."],
+                      "comma_pieces": [",", "\u2581,"], "dash_pieces": ["-"], "apostrophe_pieces": ["'", "\u2581'"]},
     "generation": {"do_sample": True, "top_p": 0.8, "top_k": 30, "temperature": 0.8, "num_beams": 3,
                    "repetition_penalty": 10.0, "length_penalty": 0.0, "max_mel_tokens": 1500},
     "conditioning_lengths": "infer_v2 passes spk_cond_emb.shape[-1] (the feature width) as the length, so nothing is masked",
@@ -174,11 +181,13 @@ INFERENCE_2_5 = {
     "output": "infer_v2_5 returns clamp(output_pcm_scale * bigvgan(mel), -32767, 32767) as float (PCM scale; save_pcm_wav "
               "rounds it to int16, output_pcm16); divided by output_pcm_scale that is clamp(wav, output_clamp), the "
               "waveform in [-1, 1]",
-    # The text: at most this many tokens (the language prefix included) per segment; longer texts are split.
-    "max_text_tokens_per_segment": 120,
     "segments": "budget = max(1, min(max_text_tokens_per_segment, gpt max_text_tokens) - len(ids of the language prefix)); "
                 "a prepared text of at most budget tokens is one segment, a longer one is split at punctuation, then "
-                "between words (split_text_by_tokens), each segment synthesised alone and joined with interval_silence_ms",
+                "between words (split_text_by_tokens with segment_split's patterns; see reference/text.py "
+                "split_text_2_5), each segment synthesised alone and joined with interval_silence_ms",
+    "segment_split": {"protected_pattern": r"<\|SPECIAL_TOKEN_\d+\|>.*?<\|SPECIAL_TOKEN_\d+\|>",
+                      "split_after_pattern": r"(?<=[\uff0c\u3002\uff01\uff1f\u3001\uff1b\uff1a,\.!\?;:\n])",
+                      "word_pattern": r"\S+\s*|\s+"},
     "empty_codes": "a segment whose codes are empty after the cut at stop_mel_token is skipped (no audio)",
 }
 

@@ -318,8 +318,11 @@ class _Recorder:
         self.trace: dict[str, torch.Tensor] = {}
         self._undo = []
         self.calls: dict[str, int] = {}
+        self.segment = 0  # the text segment being synthesised: keys of the second on are ``key@k``
 
     def put(self, key: str, value) -> None:
+        if self.segment:
+            key = f"{key}@{self.segment}"
         if key in self.trace:
             raise AssertionError(f"{key} recorded twice: upstream ran a step more often than one segment does")
         self.trace[key] = value.detach().clone() if isinstance(value, torch.Tensor) else value
@@ -355,6 +358,18 @@ def _record_call(rec: _Recorder, name: str, on_call):
             return out
         return wrapper
     return make
+
+
+def _advance(rec: _Recorder, obj, attr: str) -> None:
+    """Each call of ``obj.attr`` after the first starts the next text segment
+    (``rec.segment``): the first per-segment call upstream makes."""
+    def make(orig):
+        def wrapper(*args, **kwargs):
+            if rec.count(f"segment:{attr}"):
+                rec.segment += 1
+            return orig(*args, **kwargs)
+        return wrapper
+    rec.wrap(obj, attr, make)
 
 
 def _record_front_ends(rec: _Recorder, tts, target_input: bool, phases: tuple[str, str]) -> None:
@@ -421,10 +436,10 @@ def _record_generation(rec: _Recorder, gpt) -> None:
     forward, the last position)."""
     rec.wrap(gpt, "merge_emovec", _record_call(
         rec, "merge_emovec", lambda i, a, k, out: rec.put("emotion_vector.merge_emovec", out)))
-    steps = []
+    steps: dict[int, list] = {}
 
     def logits(module, args, kwargs, out):
-        steps.append(out.logits[:, -1].detach().clone())
+        steps.setdefault(rec.segment, []).append(out.logits[:, -1].detach().clone())
 
     rec.hook(gpt.inference_model, logits)
     rec.steps = steps
@@ -469,19 +484,28 @@ def _record_diffusion_and_vocoder(rec: _Recorder, tts, seed: int) -> None:
     rec.hook(tts.bigvgan, vocoder)
 
 
-def _one_segment(rec: _Recorder, gen, items: int) -> None:
+def _waveforms(rec: _Recorder, gen, segments: int, trailing_silence: bool) -> None:
     """Run infer_generator (stream_return=True): it yields the clamped waveform of each
-    segment and silence after it (2.0: after every segment, so ``items`` = 2; 2.5: between
-    segments only, 1); exactly one segment is expected."""
+    segment and its silence tensor after it (2.0: after every segment,
+    ``trailing_silence``; 2.5: between segments only); ``segments`` segments are expected.
+    Each segment's waveform is ``waveform.wav`` (``@k``); with more than one, what infer
+    returns, the waveforms with upstream's silences between them, is ``output.wav``."""
     yielded = list(gen)
-    if len(yielded) != items:
-        raise AssertionError(f"infer_generator yielded {len(yielded)} items: the text made more than one segment")
-    rec.put("waveform.wav", yielded[0])
+    if len(yielded) != 2 * segments - (0 if trailing_silence else 1):
+        raise AssertionError(f"infer_generator yielded {len(yielded)} items: the text did not make {segments} segment(s)")
+    for k in range(segments):
+        rec.segment = k
+        rec.put("waveform.wav", yielded[2 * k])
+    rec.segment = 0
+    if segments > 1:
+        rec.put("output.wav", torch.cat(yielded[: 2 * segments - 1], 1))
 
 
 def _finish_logits(rec: _Recorder) -> None:
-    steps = rec.steps
-    rec.put("codes.logits", torch.stack(steps, 1) if steps else torch.zeros(1, 0, 0))
+    for k, steps in (rec.steps or {0: []}).items():
+        rec.segment = k
+        rec.put("codes.logits", torch.stack(steps, 1) if steps else torch.zeros(1, 0, 0))
+    rec.segment = 0
 
 
 def _clear_mel_cache(audio_module) -> None:
@@ -490,6 +514,10 @@ def _clear_mel_cache(audio_module) -> None:
     process would reuse the first one's.  Cleared, as in a fresh process."""
     audio_module.mel_basis.clear()
     audio_module.hann_window.clear()
+
+
+def _segment_kwargs(segment_tokens) -> dict:
+    return {} if segment_tokens is None else {"max_text_tokens_per_segment": int(segment_tokens)}
 
 
 def _generation_kwargs(greedy: bool, max_codes: int, version: str) -> dict:
@@ -504,7 +532,7 @@ def _generation_kwargs(greedy: bool, max_codes: int, version: str) -> dict:
 
 def run_upstream_2_0(release_dir, prompt_wav_path, text, emo_wav_path=None, emo_alpha=1.0, emo_vector=None, seed=0,
                      max_codes=12, greedy=True, tts=None, normalize_emo_vector=False,
-                     fresh=True) -> dict[str, torch.Tensor]:
+                     fresh=True, segment_tokens=None, segments=1) -> dict[str, torch.Tensor]:
     """``IndexTTS2.infer_generator`` (indextts2-inference 2.1.1) on ``text`` and the voice
     prompt, every intermediate recorded (keys :data:`KEYS_2_0`, plus
     ``emotion_vector.index`` with ``emo_vector``).
@@ -513,7 +541,10 @@ def run_upstream_2_0(release_dir, prompt_wav_path, text, emo_wav_path=None, emo_
     conditioning caches (upstream reuses the speaker and emotion conditioning of the
     same prompt paths between calls): the front-end keys are then absent from the trace.
     ``normalize_emo_vector``: pass ``emo_vector`` through upstream's ``normalize_emo_vec``
-    first, as its web UI does (``infer_generator`` itself never calls it)."""
+    first, as its web UI does (``infer_generator`` itself never calls it).
+    ``segment_tokens``: infer's ``max_text_tokens_per_segment`` (default its own, 120),
+    and the text is expected to make ``segments`` segments: the keys of the second on
+    are ``key@k``, and ``output.wav`` is the joined waveform."""
     iv2 = infer_v2()
     tts = tts or load_2_0(release_dir)
     if fresh:
@@ -539,6 +570,7 @@ def run_upstream_2_0(release_dir, prompt_wav_path, text, emo_wav_path=None, emo_
 
         rec.wrap(tts.gpt, "inference_speech", _record_call(rec, "inference_speech", inference_speech))
         _record_generation(rec, tts.gpt)
+        _advance(rec, tts.gpt, "merge_emovec")  # infer_v2 merges the emotion vector again for every segment
 
         def latents(module, args, kwargs, out):
             rec.put("codes.codes", args[3])  # cut at the first stop code, as the teacher-forced pass reads it
@@ -553,10 +585,10 @@ def run_upstream_2_0(release_dir, prompt_wav_path, text, emo_wav_path=None, emo_
         torch.manual_seed(seed)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _one_segment(rec, tts.infer_generator(
+            _waveforms(rec, tts.infer_generator(
                 str(prompt_wav_path), text, None, emo_audio_prompt=None if emo_wav_path is None else str(emo_wav_path),
-                emo_alpha=emo_alpha, emo_vector=emo_vector, stream_return=True,
-                **_generation_kwargs(greedy, max_codes, "2.0")), items=2)
+                emo_alpha=emo_alpha, emo_vector=emo_vector, stream_return=True, **_segment_kwargs(segment_tokens),
+                **_generation_kwargs(greedy, max_codes, "2.0")), segments, trailing_silence=True)
         _finish_logits(rec)
         if emo_vector is not None:
             rec.put("emotion_vector.index", torch.tensor(index))
@@ -566,12 +598,13 @@ def run_upstream_2_0(release_dir, prompt_wav_path, text, emo_wav_path=None, emo_
 
 
 def run_upstream_2_5(release_dir, prompt_wav_path, text, lang="en", emo_wav_path=None, emo_alpha=1.0, emo_vector=None,
-                     seed=0, max_codes=12, greedy=True, tts=None, fresh=True) -> dict[str, torch.Tensor]:
+                     seed=0, max_codes=12, greedy=True, tts=None, fresh=True, segment_tokens=None,
+                     segments=1) -> dict[str, torch.Tensor]:
     """``IndexTTS2.infer_generator`` of indextts25-inference 0.2.0 (``text_normalization=
     False``), every intermediate recorded (keys :data:`KEYS_2_5`).  ``waveform.wav`` is
     upstream's own: ``clamp(32767 * wav, -32767, 32767)``, PCM scale.  ``tts`` and
     ``fresh`` as in :func:`run_upstream_2_0` (2.5 also caches the merged emotion vector
-    per (voice, emotion, alpha))."""
+    per (voice, emotion, alpha)); ``segment_tokens`` and ``segments`` as there."""
     iv = infer_v2_5()
     tts = tts or load_2_5(release_dir)
     if fresh:
@@ -595,6 +628,7 @@ def run_upstream_2_5(release_dir, prompt_wav_path, text, lang="en", emo_wav_path
 
         rec.wrap(tts.gpt, "inference_speech", _record_call(rec, "inference_speech", inference_speech))
         _record_generation(rec, tts.gpt)
+        _advance(rec, tts.gpt, "inference_speech")  # the emotion vector is merged once, the codes per segment
 
         def decode(i, args, kwargs, out):
             rec.put("codes.codes", args[0])
@@ -606,10 +640,11 @@ def run_upstream_2_5(release_dir, prompt_wav_path, text, lang="en", emo_wav_path
         torch.manual_seed(seed)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _one_segment(rec, tts.infer_generator(
+            _waveforms(rec, tts.infer_generator(
                 str(prompt_wav_path), text, None, lang, emo_audio_prompt=None if emo_wav_path is None else str(emo_wav_path),
                 emo_alpha=emo_alpha, emo_vector=emo_vector, stream_return=True, text_normalization=False,
-                **_generation_kwargs(greedy, max_codes, "2.5")), items=1)
+                **_segment_kwargs(segment_tokens), **_generation_kwargs(greedy, max_codes, "2.5")), segments,
+                trailing_silence=False)
         _finish_logits(rec)
         if emo_vector is not None:
             rec.put("emotion_vector.index", torch.tensor(index))
