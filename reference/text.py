@@ -210,26 +210,23 @@ def split_text_2_5(prepared: str, budget: int, token_len, rules: dict) -> list[s
             if token_len(part) <= budget:
                 chunks.append(part)
                 continue
-            current = ""
-            for word in re.findall(rules["word_pattern"], part):
-                for unit in ([word] if token_len(word) <= budget else list(word)):
-                    if current and token_len(current + unit) > budget:
-                        chunks.append(current)
-                        current = unit
-                    else:
-                        current += unit
-            if current:
-                chunks.append(current)
-    segments, current = [], ""
-    for chunk in chunks:
-        if current and token_len(current + chunk) > budget:
-            segments.append(current)
-            current = chunk
+            units = [u for word in re.findall(rules["word_pattern"], part)
+                     for u in ([word] if token_len(word) <= budget else list(word))]
+            chunks += _pack(units, budget, token_len)
+    return _pack(chunks, budget, token_len) or [prepared]
+
+
+def _pack(units: list[str], budget: int, token_len) -> list[str]:
+    """``units`` joined left to right into strings, each closed before the next unit would
+    take it over ``budget`` tokens (a unit over the budget by itself stands alone)."""
+    out, current = [], ""
+    for unit in units:
+        if current and token_len(current + unit) > budget:
+            out.append(current)
+            current = unit
         else:
-            current += chunk
-    if current:
-        segments.append(current)
-    return segments or [prepared]
+            current += unit
+    return out + [current] if current else out
 
 
 def tiktoken_segments(path: str, spec: dict, text: str, lang: str, budget: int, rules: dict) -> list[list[int]]:
